@@ -1,0 +1,470 @@
+"""The assistant's life: create, start, watch, report and end one workload.
+
+Threads and what they may touch:
+
+- the main thread owns the pika connection and channel; it sends
+  heartbeats, reads replies and control orders, and is the only caller of
+  pika;
+- the watcher thread waits for the container's init, reaps orphans,
+  records the exit and hands it to the main thread through ``_exits``;
+- two drain threads copy the workload's stdout and stderr into the log.
+
+runc is called from the main thread and from stop timers; the shared
+``children_lock`` in assistant.runtime keeps those calls apart from the
+reaper.
+"""
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pika
+import pika.exceptions
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from assistant.cgroups import oom_kill_count
+from assistant.config import AssistantConfig, ContainerPaths
+from assistant.logfile import RotatingLog, drain
+from assistant.reaper import InitWatcher, become_subreaper, decode_status
+from assistant.runtime import Runc, RuncError
+from messages import names
+from messages.models import (
+    AssistantStatus,
+    ControlOrder,
+    ExitInfo,
+    ExitReason,
+    Heartbeat,
+    HeartbeatReply,
+    Verdict,
+)
+
+log = logging.getLogger(__name__)
+
+LOOP_TICK = 0.05
+"""Longest the main loop sleeps in pika before checking timers, in seconds."""
+
+
+class AssistantExit(Exception):
+    """The assistant cannot go on; the message says why."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    # Wrong credentials do not fix themselves; retrying only delays the
+    # error and keeps the workload unsupervised.
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
+        exc,
+        (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ),
+    )
+
+
+class Supervisor:
+    def __init__(self, config: AssistantConfig):
+        self.config = config
+        self.id = config.container_id
+        self.paths = ContainerPaths(config.container_dir)
+        self.runc = Runc(config.runc_binary, config.runc_root, self.paths.runc_log)
+        self.heartbeat_queue = names.heartbeat_queue(config.manager_id)
+
+        self.status = AssistantStatus.CREATING
+        self.pid: int | None = None
+        self.error: str | None = None
+        self.exit: ExitInfo | None = None
+        self.ending_reason: ExitReason | None = None
+        self.exit_recorded = False
+        self.nacked = False
+        self.exited_at: float | None = None
+
+        self.last_reply = time.monotonic()
+        self.connection: pika.BlockingConnection | None = None
+        self.channel = None
+        self._exits: queue.SimpleQueue[ExitInfo] = queue.SimpleQueue()
+        self._stop_timer: threading.Timer | None = None
+        self._threads: list[threading.Thread] = []
+        self._terminate_requested = False
+
+    # --- lifecycle --------------------------------------------------------
+
+    def run(self) -> int:
+        log.info("assistant %d starting for container %s", os.getpid(), self.id)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        become_subreaper()
+        self.connect(budget=max(self.config.heartbeat_timeout, 10.0))
+        self.create_workload()
+        self.send_heartbeat()
+
+        next_beat = time.monotonic() + self.config.heartbeat_interval
+        while not self._finished():
+            self._pump()
+            self._collect_exits()
+            now = time.monotonic()
+            if self._terminate_requested and self.is_alive():
+                self._terminate_requested = False
+                self.stop_workload(grace=10.0)
+            if now >= next_beat:
+                self.send_heartbeat()
+                next_beat = now + self.config.heartbeat_interval
+            self._check_timeout(now)
+
+        self._shutdown()
+        log.info("assistant %d for container %s stops", os.getpid(), self.id)
+        return 0
+
+    def _finished(self) -> bool:
+        if self.status not in (AssistantStatus.EXITED, AssistantStatus.CREATE_FAILED):
+            return False
+        if self.exit_recorded or self.nacked:
+            return True
+        waited = time.monotonic() - (self.exited_at or time.monotonic())
+        if waited > self.config.exit_report_timeout:
+            log.error(
+                "container %s: no manager acknowledged its exit within %.0f s;"
+                " the record stays in %s",
+                self.id,
+                self.config.exit_report_timeout,
+                self.paths.exit_record,
+            )
+            return True
+        return False
+
+    def is_alive(self) -> bool:
+        return self.status in (AssistantStatus.CREATED, AssistantStatus.RUNNING)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._terminate_requested = True
+
+    def _shutdown(self) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        for thread in self._threads:
+            thread.join(timeout=2.0)
+        if self.connection is not None and self.connection.is_open:
+            try:
+                self.connection.close()
+            except pika.exceptions.AMQPError as exc:
+                log.debug("closing the connection of %s failed: %s", self.id, exc)
+
+    # --- the workload -----------------------------------------------------
+
+    def create_workload(self) -> None:
+        stdout_read, stdout_write = os.pipe()
+        stderr_read, stderr_write = os.pipe()
+        self.output = RotatingLog(
+            self.paths.container_log, self.config.log_max_bytes, self.config.log_max_files
+        )
+        for fd, stream in ((stdout_read, "stdout"), (stderr_read, "stderr")):
+            thread = threading.Thread(
+                target=drain, args=(fd, stream, self.output), name=f"drain-{stream}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+        try:
+            self.pid = self.runc.create(
+                self.id, self.paths.bundle, self.paths.init_pid, stdout_write, stderr_write
+            )
+        except (RuncError, OSError, ValueError) as exc:
+            self.error = str(exc)
+            self.status = AssistantStatus.CREATE_FAILED
+            self.exited_at = time.monotonic()
+            log.error("container %s: create failed: %s", self.id, exc)
+            self._delete_runc_state()
+            return
+        finally:
+            # The workload holds its own copies now; the drains see EOF once
+            # every process of the container closed them.
+            os.close(stdout_write)
+            os.close(stderr_write)
+
+        self.status = AssistantStatus.CREATED
+        log.info("container %s created, init pid %d", self.id, self.pid)
+        watcher = threading.Thread(target=self._watch, args=(InitWatcher(self.pid),), name="watch")
+        watcher.start()
+        self._threads.append(watcher)
+
+    def start_workload(self) -> None:
+        if self.status != AssistantStatus.CREATED:
+            log.warning("container %s: start ignored in status %s", self.id, self.status.value)
+            return
+        try:
+            self.runc.start(self.id)
+        except RuncError as exc:
+            self.error = str(exc)
+            log.error("container %s: start failed: %s", self.id, exc)
+            self.kill_workload(ExitReason.KILLED)
+            return
+        self.status = AssistantStatus.RUNNING
+        log.info("container %s started", self.id)
+        self.send_heartbeat()
+
+    def stop_workload(self, grace: float) -> None:
+        """Send SIGTERM, and SIGKILL to every process after ``grace`` seconds."""
+        if not self.is_alive():
+            return
+        self.ending_reason = self.ending_reason or ExitReason.STOPPED
+        if self.status == AssistantStatus.CREATED:
+            self.kill_workload(ExitReason.STOPPED)
+            return
+        log.info("container %s: stopping with a grace of %.1f s", self.id, grace)
+        self._runc_kill("SIGTERM", all_processes=False)
+        if self._stop_timer is None:
+            self._stop_timer = threading.Timer(
+                grace, self._runc_kill, args=("SIGKILL", True)
+            )
+            self._stop_timer.daemon = True
+            self._stop_timer.start()
+
+    def kill_workload(self, reason: ExitReason, signal_name: str = "SIGKILL") -> None:
+        if not self.is_alive():
+            return
+        self.ending_reason = self.ending_reason or reason
+        log.info("container %s: sending %s (%s)", self.id, signal_name, reason.value)
+        self._runc_kill(signal_name, all_processes=signal_name == "SIGKILL")
+
+    def kill_workload_now(self) -> None:
+        """Kill every process of the container and drop its runc state.
+
+        The last resort when the assistant itself fails, so that no
+        workload outlives its supervisor.
+        """
+        if self.pid is None or self.exit is not None:
+            return
+        self._runc_kill("SIGKILL", all_processes=True)
+        self._delete_runc_state()
+
+    def _runc_kill(self, signal_name: str, all_processes: bool) -> None:
+        if self.exit is not None:
+            return
+        try:
+            self.runc.kill(self.id, signal_name, all_processes=all_processes)
+        except RuncError as exc:
+            # The init may have exited between the check and the call.
+            log.info("container %s: runc kill %s: %s", self.id, signal_name, exc.text)
+
+    def _delete_runc_state(self) -> None:
+        try:
+            self.runc.delete(self.id)
+        except RuncError as exc:
+            log.info("container %s: runc delete: %s", self.id, exc.text)
+
+    def _watch(self, watcher: InitWatcher) -> None:
+        """Wait for init, then record the exit; runs on the watcher thread."""
+        status = None
+        while status is None:
+            status = watcher.wait(timeout=1.0)
+        watcher.close()
+        exit_code, signal_name = decode_status(status)
+
+        cgroups_path = self._cgroups_path()
+        oom_kills = oom_kill_count(cgroups_path) if cgroups_path else None
+        oom = bool(oom_kills)
+        reason = ExitReason.OOM if oom else (self.ending_reason or ExitReason.EXITED)
+        self._delete_runc_state()
+
+        record = ExitInfo(exit_code=exit_code, signal=signal_name, oom_killed=oom, reason=reason)
+        write_exit_record(self.paths.exit_record, record)
+        log.info(
+            "container %s exited: code %d, signal %s, oom %s, reason %s",
+            self.id, exit_code, signal_name, oom, reason.value,
+        )
+        self._exits.put(record)
+        self._wake_main_thread()
+
+    def _cgroups_path(self) -> str | None:
+        try:
+            spec = json.loads((self.paths.bundle / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("container %s: cannot read config.json: %s", self.id, exc)
+            return None
+        return spec.get("linux", {}).get("cgroupsPath")
+
+    def _wake_main_thread(self) -> None:
+        connection = self.connection
+        if connection is None:
+            return
+        try:
+            connection.add_callback_threadsafe(lambda: None)
+        except (pika.exceptions.AMQPError, AttributeError, RuntimeError):
+            pass  # the main loop wakes by itself within LOOP_TICK
+
+    def _collect_exits(self) -> None:
+        try:
+            record = self._exits.get_nowait()
+        except queue.Empty:
+            return
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        self.exit = record
+        self.status = AssistantStatus.EXITED
+        self.exited_at = time.monotonic()
+        self.send_heartbeat()
+
+    def _check_timeout(self, now: float) -> None:
+        timeout = self.config.heartbeat_timeout
+        if timeout == 0 or not self.is_alive():
+            return
+        silent = now - self.last_reply
+        if silent > timeout:
+            log.error(
+                "container %s: no heartbeat reply from manager %s for %.1f s"
+                " (timeout %.1f s); killing the workload",
+                self.id, self.config.manager_id, silent, timeout,
+            )
+            self.kill_workload(ExitReason.MANAGER_UNREACHABLE)
+
+    # --- the broker -------------------------------------------------------
+
+    def connect(self, budget: float) -> None:
+        """Open the connection, retrying with backoff for at most ``budget`` s."""
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential_jitter(initial=0.2, max=self.config.reconnect_cap()),
+            stop=stop_after_delay(budget),
+            before_sleep=lambda state: log.warning(
+                "container %s: broker connection failed (%s); retry %d in %.1f s",
+                self.id,
+                state.outcome.exception(),
+                state.attempt_number,
+                state.next_action.sleep,
+            ),
+            reraise=True,
+        )
+        try:
+            retrying(self._open_channel)
+        except pika.exceptions.AMQPConnectionError as exc:
+            raise AssistantExit(f"cannot reach the broker: {exc!r}") from exc
+
+    def _open_channel(self) -> None:
+        parameters = pika.URLParameters(self.config.amqp_url)
+        parameters.connection_attempts = 1
+        parameters.blocked_connection_timeout = max(5.0, self.config.heartbeat_timeout)
+        connection = pika.BlockingConnection(parameters)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+        control = names.control_queue(self.config.manager_id, self.id)
+        channel.queue_declare(control, exclusive=True, auto_delete=True)
+        channel.basic_consume(control, self._on_control, auto_ack=True)
+        self.connection, self.channel = connection, channel
+        log.info("container %s: connected to the broker", self.id)
+
+    def _pump(self) -> None:
+        if self.connection is None:
+            self._reconnect()
+            return
+        try:
+            self.connection.process_data_events(time_limit=LOOP_TICK)
+        except pika.exceptions.AMQPError as exc:
+            log.warning("container %s: broker connection lost: %r", self.id, exc)
+            self.connection = self.channel = None
+
+    def _reconnect(self) -> None:
+        """Try to reconnect until the heartbeat timeout would expire."""
+        timeout = self.config.heartbeat_timeout
+        if self.is_alive() and timeout > 0:
+            budget = max(0.0, timeout - (time.monotonic() - self.last_reply))
+        else:
+            budget = self.config.reconnect_cap()
+        try:
+            self.connect(budget=budget)
+        except AssistantExit as exc:
+            log.warning("container %s: %s", self.id, exc)
+            time.sleep(LOOP_TICK)
+
+    def send_heartbeat(self) -> None:
+        if self.channel is None:
+            return
+        beat = Heartbeat(
+            container_id=self.id,
+            assistant_pid=os.getpid(),
+            status=self.status,
+            pid=self.pid,
+            exit=self.exit,
+            error=self.error,
+        )
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            reply_to=names.DIRECT_REPLY_TO,
+            delivery_mode=1,
+        )
+        try:
+            self.channel.basic_publish(
+                "",
+                self.heartbeat_queue,
+                beat.model_dump_json().encode(),
+                properties,
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError:
+            # No heartbeat queue means no manager: the timeout keeps running.
+            log.warning(
+                "container %s: heartbeat unroutable, queue %s missing",
+                self.id, self.heartbeat_queue,
+            )
+        except pika.exceptions.AMQPError as exc:
+            log.warning("container %s: heartbeat not sent: %r", self.id, exc)
+            self.connection = self.channel = None
+
+    def _on_reply(self, channel, method, properties, body: bytes) -> None:
+        try:
+            reply = HeartbeatReply.model_validate_json(body)
+        except ValueError as exc:
+            log.error("container %s: invalid heartbeat reply %r: %s", self.id, body[:200], exc)
+            return
+        self.last_reply = time.monotonic()
+        if reply.verdict == Verdict.NACK:
+            log.error(
+                "container %s: manager %s does not know this container; killing it",
+                self.id, self.config.manager_id,
+            )
+            self.nacked = True
+            self.kill_workload(ExitReason.MANAGER_NACK)
+        elif reply.verdict == Verdict.STOP:
+            self.stop_workload(reply.grace or 0.0)
+        elif reply.verdict == Verdict.KILL:
+            self.kill_workload(ExitReason.KILLED, reply.signal or "SIGKILL")
+        if reply.exit_recorded and not self.is_alive():
+            self.exit_recorded = True
+
+    def _on_control(self, channel, method, properties, body: bytes) -> None:
+        try:
+            order = ControlOrder.model_validate_json(body)
+        except ValueError as exc:
+            log.error("container %s: invalid control order %r: %s", self.id, body[:200], exc)
+            return
+        log.info("container %s: control order %s", self.id, order.action)
+        if order.action == "start":
+            self.start_workload()
+        elif order.action == "stop":
+            self.stop_workload(order.grace or 0.0)
+        elif order.action == "kill":
+            self.kill_workload(ExitReason.KILLED, order.signal or "SIGKILL")
+
+
+def write_exit_record(path: Path, record: ExitInfo) -> None:
+    """Write the exit record atomically, so a reader never sees half of it."""
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w") as file:
+        file.write(record.model_dump_json())
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def read_exit_record(path: Path) -> ExitInfo | None:
+    try:
+        return ExitInfo.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,60 @@
+"""Command line of the manager daemon: ``python -m manager`` or ``berth-manager``."""
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from manager.config import ManagerConfig
+from manager.daemon import Manager
+
+
+@click.command(context_settings={"show_default": True, "max_content_width": 100})
+@click.option(
+    "--amqp-url",
+    envvar=["BERTH_AMQP_URL", "AMQP_URL"],
+    required=True,
+    help="Broker URL, e.g. amqp://user:password@host:5672/%2F"
+    " (env BERTH_AMQP_URL or AMQP_URL).",
+)
+@click.option("--id", "manager_id", envvar="BERTH_MANAGER_ID", help="Manager id; default: the host name.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/berth"), help="Directory for state, bundles and logs.")
+@click.option("--runc", "runc_binary", default="runc", help="OCI runtime binary.")
+@click.option("--runc-root", type=click.Path(path_type=Path), default=Path("/run/berth/runc"), help="runc state directory (a tmpfs).")
+@click.option("--heartbeat-interval", type=float, default=1.0, help="Seconds between assistant heartbeats.")
+@click.option("--heartbeat-timeout", type=float, default=30.0, help="Default seconds without a reply before an assistant kills its workload; 0: never.")
+@click.option("--lost-after", type=float, default=5.0, help="Seconds without a heartbeat before a container is lost.")
+@click.option("--workers", type=click.IntRange(1, 256), default=8, help="Threads handling commands.")
+@click.option("--connect-timeout", type=float, default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
+def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, heartbeat_interval,
+         heartbeat_timeout, lost_after, workers, connect_timeout, log_level) -> None:
+    """Run the berth manager for this host until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
+    )
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    options = {"manager_id": manager_id} if manager_id else {}
+    try:
+        config = ManagerConfig(
+            amqp_url=amqp_url,
+            state_dir=state_dir,
+            runc_binary=runc_binary,
+            runc_root=runc_root,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            lost_after=lost_after,
+            workers=workers,
+            **options,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if os.geteuid() != 0:
+        raise click.UsageError("the manager must run as root: runc needs it to create containers")
+    raise SystemExit(Manager(config, connect_timeout=connect_timeout).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The manager's connection to RabbitMQ.
+
+Threading: only the thread inside :meth:`Broker.serve` calls pika. Worker
+threads hand work to it with :meth:`Broker.call` (waits for the result)
+or :meth:`Broker.submit` (does not wait); both go through pika's
+``add_callback_threadsafe``, whose callbacks run only from
+``process_data_events`` on the serving thread.
+"""
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from manager.config import ManagerConfig
+from manager.store import Store
+from messages import names
+from messages.client import redact_url as redact
+from messages.models import ControlOrder, HeartbeatReply, Reply
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LOOP_TICK = 0.1
+"""Seconds the serving loop waits for I/O before running periodic work."""
+
+SHUTDOWN_TIMEOUT = 30.0
+"""Seconds a stopping manager waits for commands in progress to reply."""
+
+
+class BrokerError(Exception):
+    """The broker cannot be used; the message says why and what to check."""
+
+
+class OrderUndeliverable(Exception):
+    """A control order found no queue: the assistant is not connected."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
+        exc,
+        (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ),
+    )
+
+
+class Broker:
+    def __init__(
+        self,
+        config: ManagerConfig,
+        store: Store,
+        on_command: Callable[..., None],
+        on_heartbeat: Callable[[bytes], HeartbeatReply | None],
+        periodic: Callable[[], None],
+        in_flight: Callable[[], int],
+        connect_timeout: float = 60.0,
+    ):
+        self.config = config
+        self.store = store
+        self.on_command = on_command
+        self.on_heartbeat = on_heartbeat
+        self.periodic = periodic
+        self.in_flight = in_flight
+        self.connect_timeout = connect_timeout
+        self.generation = 0
+        """Counts connections; an ack for a delivery of an older one is dropped."""
+        self.connected = threading.Event()
+        self._connection: pika.BlockingConnection | None = None
+        self._outbox_dirty = True
+
+    # --- called from any thread -----------------------------------------
+
+    def submit(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` on the serving thread soon; drop it if disconnected."""
+        connection = self._connection
+        if connection is None:
+            log.warning("broker disconnected; dropping a queued callback")
+            return
+        try:
+            connection.add_callback_threadsafe(callback)
+        except (pika.exceptions.AMQPError, RuntimeError) as exc:
+            log.warning("broker connection closed; dropping a queued callback: %r", exc)
+
+    def call(self, function: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run ``function`` on the serving thread and return its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:  # handed to the waiting thread
+                future.set_exception(exc)
+
+        if not self.connected.wait(timeout):
+            raise BrokerError(f"not connected to the broker after {timeout:.0f} s")
+        self.submit(run)
+        return future.result(timeout)
+
+    def wake_outbox(self) -> None:
+        """Ask the serving thread to publish newly stored events."""
+        self._outbox_dirty = True
+        connection = self._connection
+        if connection is not None:
+            try:
+                connection.add_callback_threadsafe(lambda: None)
+            except (pika.exceptions.AMQPError, RuntimeError):
+                pass  # published after the reconnect
+
+    # --- serving thread only ----------------------------------------------
+
+    def serve(self, stopping: threading.Event) -> None:
+        """Connect, consume and publish until ``stopping`` is set."""
+        while not stopping.is_set():
+            self._connect(stopping)
+            if self._connection is None:
+                return
+            try:
+                self._loop(stopping)
+            except pika.exceptions.AMQPError as exc:
+                log.warning("broker connection lost (%r); reconnecting", exc)
+            finally:
+                self.connected.clear()
+                connection, self._connection = self._connection, None
+                if connection is not None and connection.is_open:
+                    try:
+                        connection.close()
+                    except pika.exceptions.AMQPError as exc:
+                        log.debug("closing the connection failed: %r", exc)
+
+    def _connect(self, stopping: threading.Event) -> None:
+        url = self.config.amqp_url
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential_jitter(initial=0.5, max=8.0),
+            stop=stop_after_delay(self.connect_timeout),
+            before_sleep=lambda state: log.warning(
+                "cannot reach broker %s (%r); retry %d in %.1f s",
+                redact(url),
+                state.outcome.exception(),
+                state.attempt_number,
+                state.next_action.sleep,
+            ),
+            reraise=True,
+        )
+        try:
+            retrying(self._open)
+        except (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ) as exc:
+            raise BrokerError(
+                f"authentication failed at broker {redact(url)}: check the user and"
+                " password in the AMQP URL"
+            ) from exc
+        except pika.exceptions.AMQPConnectionError as exc:
+            raise BrokerError(
+                f"broker {redact(url)} unreachable for {self.connect_timeout:.0f} s: {exc!r}"
+            ) from exc
+
+    def _open(self) -> None:
+        parameters = pika.URLParameters(self.config.amqp_url)
+        parameters.connection_attempts = 1
+        # A broker resource alarm blocks publishing; past this many seconds
+        # pika drops the connection instead of hanging, and we reconnect.
+        parameters.blocked_connection_timeout = 10.0
+        connection = pika.BlockingConnection(parameters)
+        self._declare(connection)
+        self._connection = connection
+        self.generation += 1
+        self.connected.set()
+        self._outbox_dirty = True
+        log.info(
+            "manager %s connected to %s, consuming %s",
+            self.config.manager_id,
+            redact(self.config.amqp_url),
+            names.command_queue(self.config.manager_id),
+        )
+
+    def _declare(self, connection: pika.BlockingConnection) -> None:
+        manager_id = self.config.manager_id
+        setup = connection.channel()
+        setup.exchange_declare(names.COMMAND_EXCHANGE, "direct", durable=True)
+        setup.exchange_declare(names.EVENT_EXCHANGE, "topic", durable=True)
+        setup.exchange_declare(names.DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+        setup.queue_declare(names.DEAD_LETTER_QUEUE, durable=True)
+        setup.queue_bind(names.DEAD_LETTER_QUEUE, names.DEAD_LETTER_EXCHANGE)
+        command_queue = names.command_queue(manager_id)
+        setup.queue_declare(
+            command_queue,
+            durable=True,
+            arguments={"x-dead-letter-exchange": names.DEAD_LETTER_EXCHANGE},
+        )
+        setup.queue_bind(command_queue, names.COMMAND_EXCHANGE, routing_key=manager_id)
+        # A heartbeat older than two intervals is stale: its sender has
+        # sent a newer one or is gone, so the broker drops it unread.
+        ttl_ms = int(max(2.0, 2 * self.config.heartbeat_interval) * 1000)
+        setup.queue_declare(
+            names.heartbeat_queue(manager_id), arguments={"x-message-ttl": ttl_ms}
+        )
+        setup.close()
+
+        self._commands = connection.channel()
+        self._commands.basic_qos(prefetch_count=self.config.prefetch)
+        self._commands.basic_consume(command_queue, self._on_command_delivery)
+
+        self._heartbeats = connection.channel()
+        self._heartbeats.basic_consume(
+            names.heartbeat_queue(manager_id), self._on_heartbeat_delivery, auto_ack=True
+        )
+
+        self._confirmed = connection.channel()
+        self._confirmed.confirm_delivery()
+
+    def _loop(self, stopping: threading.Event) -> None:
+        assert self._connection is not None
+        while not stopping.is_set():
+            self._step()
+        self._drain()
+
+    def _step(self) -> None:
+        assert self._connection is not None
+        self._connection.process_data_events(time_limit=LOOP_TICK)
+        self.periodic()
+        if self._outbox_dirty:
+            self._publish_outbox()
+
+    def _drain(self) -> None:
+        """Stop taking commands, let those in progress reply, publish events."""
+        self._commands.cancel()
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+        while self.in_flight() and time.monotonic() < deadline:
+            self._step()
+        # One more pass delivers the replies handed over by the last handlers.
+        self._step()
+        if self.in_flight():
+            log.warning(
+                "%d commands still running after %.0f s; the broker will redeliver them",
+                self.in_flight(),
+                SHUTDOWN_TIMEOUT,
+            )
+
+    def _on_command_delivery(self, channel, method, properties, body: bytes) -> None:
+        self.on_command(body, properties, method.delivery_tag, self.generation)
+
+    def _on_heartbeat_delivery(self, channel, method, properties, body: bytes) -> None:
+        reply = self.on_heartbeat(body)
+        if reply is not None and properties.reply_to:
+            channel.basic_publish(
+                "",
+                properties.reply_to,
+                reply.model_dump_json().encode(),
+                pika.BasicProperties(
+                    content_type="application/json", correlation_id=properties.correlation_id
+                ),
+            )
+
+    def _publish_outbox(self) -> None:
+        self._outbox_dirty = False
+        while True:
+            batch = self.store.pending_events()
+            if not batch:
+                return
+            for position, routing_key, body in batch:
+                self._confirmed.basic_publish(
+                    names.EVENT_EXCHANGE,
+                    routing_key,
+                    body.encode(),
+                    pika.BasicProperties(content_type="application/json", delivery_mode=2),
+                )
+                self.store.remove_events(position)
+
+    def reply(self, properties: pika.BasicProperties, reply: Reply) -> None:
+        """Send a command's reply; serving thread only."""
+        if not properties.reply_to:
+            return
+        self._commands.basic_publish(
+            "",
+            properties.reply_to,
+            reply.model_dump_json(exclude_none=True).encode(),
+            pika.BasicProperties(
+                content_type="application/json", correlation_id=properties.correlation_id
+            ),
+        )
+
+    def settle(self, delivery_tag: int, generation: int, accept: bool) -> None:
+        """Ack, or reject to the dead-letter queue; serving thread only."""
+        if generation != self.generation:
+            log.info("delivery %d belongs to a closed connection; not acked", delivery_tag)
+            return
+        if accept:
+            self._commands.basic_ack(delivery_tag)
+        else:
+            self._commands.basic_reject(delivery_tag, requeue=False)
+
+    def send_order(self, container_id: str, order: ControlOrder) -> None:
+        """Publish an order to one assistant; serving thread only."""
+        queue = names.control_queue(self.config.manager_id, container_id)
+        try:
+            self._confirmed.basic_publish(
+                "",
+                queue,
+                order.model_dump_json().encode(),
+                pika.BasicProperties(content_type="application/json"),
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError:
+            raise OrderUndeliverable(
+                f"the assistant of container {container_id!r} is not connected"
+                f" (queue {queue} missing)"
+            ) from None

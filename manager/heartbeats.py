@@ -1,0 +1,84 @@
+"""Answers to assistant heartbeats, and the state changes they report.
+
+Runs on the manager's I/O thread, so it does no slow work: a lookup, at
+most one SQLite transaction, and a reply.
+"""
+
+import logging
+
+from manager.registry import Registry
+from manager.states import IllegalTransition
+from messages.models import (
+    AssistantStatus,
+    ContainerState,
+    Heartbeat,
+    HeartbeatReply,
+    Verdict,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+ACK = HeartbeatReply(verdict=Verdict.ACK)
+NACK = HeartbeatReply(verdict=Verdict.NACK)
+
+
+def answer_heartbeat(registry: Registry, beat: Heartbeat) -> HeartbeatReply:
+    container_id = beat.container_id
+    with registry.lock:
+        pending = registry.pending.get(container_id)
+        if pending is not None:
+            pending.status = beat.status
+            pending.pid = beat.pid
+            pending.error = beat.error
+            pending.assistant_pid = beat.assistant_pid
+            registry.changed.notify_all()
+            # A failed create is final: the create handler has what it needs.
+            final = beat.status == AssistantStatus.CREATE_FAILED
+            return HeartbeatReply(verdict=Verdict.ACK, exit_recorded=final)
+
+        record = registry.get(container_id)
+        if record is None or record.info.state == ContainerState.DELETED:
+            log.warning(
+                "heartbeat from unknown container %s (assistant %d): nack",
+                container_id,
+                beat.assistant_pid,
+            )
+            return NACK
+        registry.note_heartbeat(container_id)
+
+        try:
+            return _apply_status(registry, beat, record.info.state, record.stop_grace)
+        except IllegalTransition as exc:
+            log.error("container %s: heartbeat status %s ignored: %s", container_id, beat.status.value, exc)
+            return ACK
+
+
+def _apply_status(
+    registry: Registry,
+    beat: Heartbeat,
+    state: ContainerState,
+    stop_grace: float | None,
+) -> HeartbeatReply:
+    container_id = beat.container_id
+    if beat.status in (AssistantStatus.EXITED, AssistantStatus.CREATE_FAILED):
+        if state != ContainerState.EXITED and beat.exit is not None:
+            registry.transition(container_id, ContainerState.EXITED, exit=beat.exit)
+        return HeartbeatReply(verdict=Verdict.ACK, exit_recorded=True)
+
+    if state == ContainerState.LOST:
+        found = ContainerState.RUNNING if beat.status == AssistantStatus.RUNNING else ContainerState.CREATED
+        registry.transition(
+            container_id,
+            ContainerState.STOPPING if stop_grace is not None else found,
+            message="heartbeats resumed",
+            assistant_pid=beat.assistant_pid,
+        )
+    elif state == ContainerState.STARTING and beat.status == AssistantStatus.RUNNING:
+        registry.transition(
+            container_id, ContainerState.RUNNING, pid=beat.pid, started_at=utc_now()
+        )
+
+    if stop_grace is not None:
+        return HeartbeatReply(verdict=Verdict.STOP, grace=stop_grace)
+    return ACK

@@ -1,0 +1,196 @@
+"""A small blocking client: send commands, wait for replies, follow events.
+
+One :class:`Client` owns one pika BlockingConnection and is not
+thread-safe: use one per thread. Commands are published with publisher
+confirms and ``mandatory``, so a command for a manager id nobody serves
+fails at once with :class:`NoManager` instead of waiting for a timeout.
+
+Errors, all under :class:`ClientError`:
+
+- :class:`BrokerUnavailable`: the broker cannot be reached or refused us;
+- :class:`NoManager`: no queue is bound for the manager id;
+- :class:`ReplyTimeout`: the manager took the command but sent no reply in time;
+- :class:`CommandFailed`: the manager replied with an error (``code``, ``message``).
+"""
+
+import collections
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import pika.exceptions
+from pydantic import TypeAdapter
+
+from messages import names
+from messages.models import Command, ErrorCode, Event, Reply, command_adapter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds to wait for a reply; creating a container takes well under 1 s."""
+
+
+class ClientError(Exception):
+    """Root of the client's errors."""
+
+
+class BrokerUnavailable(ClientError):
+    pass
+
+
+class NoManager(ClientError):
+    pass
+
+
+class ReplyTimeout(ClientError):
+    pass
+
+
+class CommandFailed(ClientError):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+def default_manager_id() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+class Client:
+    def __init__(self, url: str, manager_id: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self.manager_id = manager_id or default_manager_id()
+        self.timeout = timeout
+        try:
+            self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        except pika.exceptions.AMQPConnectionError as exc:
+            raise BrokerUnavailable(f"cannot connect to the broker at {redact_url(url)}: {exc!r}") from exc
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        self._channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+        self._replies: dict[str, bytes] = {}
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._connection.is_open:
+            self._connection.close()
+
+    def _on_reply(self, channel, method, properties, body: bytes) -> None:
+        if properties.correlation_id:
+            self._replies[properties.correlation_id] = body
+
+    # --- commands ---------------------------------------------------------
+
+    def send(self, command: Command | dict[str, Any], manager_id: str | None = None, timeout: float | None = None) -> Reply:
+        """Send a command and return the manager's reply, ok or not."""
+        if isinstance(command, dict):
+            command = command_adapter.validate_python(command)
+        body = command.model_dump_json().encode()
+        wait = timeout if timeout is not None else self.timeout + float(getattr(command, "grace", 0))
+        return self.send_raw(body, command.request_id, manager_id, wait)
+
+    def send_raw(self, body: bytes, correlation_id: str, manager_id: str | None = None, timeout: float | None = None) -> Reply:
+        """Publish ``body`` as is (tests use it for malformed input) and wait for the reply."""
+        target = manager_id or self.manager_id
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            reply_to=names.DIRECT_REPLY_TO,
+            correlation_id=correlation_id,
+        )
+        try:
+            self._channel.basic_publish(
+                names.COMMAND_EXCHANGE, target, body, properties, mandatory=True
+            )
+        except pika.exceptions.UnroutableError:
+            raise NoManager(
+                f"no manager serves id {target!r}: start one with --id {target}"
+                " or send to another id"
+            ) from None
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"publishing to manager {target!r} failed: {exc!r}") from exc
+        return Reply.model_validate_json(self._wait_reply(correlation_id, target, timeout or self.timeout))
+
+    def _wait_reply(self, correlation_id: str, target: str, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while correlation_id not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ReplyTimeout(
+                    f"manager {target!r} sent no reply to request {correlation_id}"
+                    f" within {timeout:.0f} s"
+                )
+            self._connection.process_data_events(time_limit=min(remaining, 0.5))
+        return self._replies.pop(correlation_id)
+
+    def request(self, command: Command | dict[str, Any], **options: Any) -> Reply:
+        """Like :meth:`send`, but raise CommandFailed for an error reply."""
+        reply = self.send(command, **options)
+        if not reply.ok:
+            assert reply.error is not None
+            raise CommandFailed(reply.error.code, reply.error.message)
+        return reply
+
+    # --- events -----------------------------------------------------------
+
+    def subscribe(self, pattern: str = "#") -> "Subscription":
+        """Bind a private queue to the event exchange with a topic pattern."""
+        return Subscription(self, pattern)
+
+
+_event_adapter = TypeAdapter(Event)
+
+
+class Subscription:
+    """Events matching one binding pattern, read on the client's connection."""
+
+    def __init__(self, client: Client, pattern: str):
+        self._client = client
+        self._events: collections.deque[Event] = collections.deque()
+        channel = client._connection.channel()
+        channel.exchange_declare(names.EVENT_EXCHANGE, "topic", durable=True)
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue, names.EVENT_EXCHANGE, routing_key=pattern)
+        channel.basic_consume(queue, self._on_event, auto_ack=True)
+        self._channel = channel
+
+    def _on_event(self, channel, method, properties, body: bytes) -> None:
+        try:
+            self._events.append(_event_adapter.validate_json(body))
+        except ValueError as exc:
+            log.warning("ignoring an invalid event %r: %s", body[:200], exc)
+
+    def get(self, timeout: float) -> Event | None:
+        """Return the next event, or None when none arrives within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self._events:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._client._connection.process_data_events(time_limit=min(remaining, 0.5))
+        return self._events.popleft()
+
+    def __iter__(self) -> Iterator[Event]:
+        """Follow events forever."""
+        while True:
+            event = self.get(3600.0)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        if self._channel.is_open:
+            self._channel.close()
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of an AMQP URL for logs and errors."""
+    parameters = pika.URLParameters(url)
+    return f"amqp://{parameters.credentials.username}:***@{parameters.host}:{parameters.port}"
