@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
+    logging.getLogger("pika").setLevel(logging.WARNING)
     if len(argv) != 1:
         log.error("usage: python -m assistant CONTAINER_DIR")
         return 2

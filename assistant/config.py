@@ -23,6 +23,11 @@ class AssistantConfig(BaseModel):
         ge=0,
         description="seconds without a reply before the workload is killed; 0: never",
     )
+    init: bool = Field(
+        default=False,
+        description="the workload runs under an init that turns a death by"
+        " signal N into exit status 128 + N",
+    )
     exit_report_timeout: float = Field(
         default=3600.0,
         gt=0,

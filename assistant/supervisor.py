@@ -266,6 +266,8 @@ class Supervisor:
             status = watcher.wait(timeout=1.0)
         watcher.close()
         exit_code, signal_name = decode_status(status)
+        if signal_name is None and self.config.init:
+            signal_name = signal_from_init_status(exit_code)
 
         cgroups_path = self._cgroups_path()
         oom_kills = oom_kill_count(cgroups_path) if cgroups_path else None
@@ -451,6 +453,21 @@ class Supervisor:
             self.stop_workload(order.grace or 0.0)
         elif order.action == "kill":
             self.kill_workload(ExitReason.KILLED, order.signal or "SIGKILL")
+
+
+def signal_from_init_status(exit_code: int) -> str | None:
+    """Name the signal behind an init's 128 + N status, as shells and tini do.
+
+    A workload that itself calls exit(128 + N) reads the same; that
+    ambiguity is the convention of every container engine using an init.
+    """
+    number = exit_code - 128
+    if number <= 0:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
 
 
 def write_exit_record(path: Path, record: ExitInfo) -> None:

@@ -22,13 +22,14 @@ from manager.daemon import Manager
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/berth"), help="Directory for state, bundles and logs.")
 @click.option("--runc", "runc_binary", default="runc", help="OCI runtime binary.")
 @click.option("--runc-root", type=click.Path(path_type=Path), default=Path("/run/berth/runc"), help="runc state directory (a tmpfs).")
+@click.option("--init-binary", default="/usr/bin/tini-static", help="Static init run as each container's pid 1 unless a create sets init false.")
 @click.option("--heartbeat-interval", type=float, default=1.0, help="Seconds between assistant heartbeats.")
 @click.option("--heartbeat-timeout", type=float, default=30.0, help="Default seconds without a reply before an assistant kills its workload; 0: never.")
 @click.option("--lost-after", type=float, default=5.0, help="Seconds without a heartbeat before a container is lost.")
 @click.option("--workers", type=click.IntRange(1, 256), default=8, help="Threads handling commands.")
 @click.option("--connect-timeout", type=float, default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
-def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, heartbeat_interval,
+def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, heartbeat_interval,
          heartbeat_timeout, lost_after, workers, connect_timeout, log_level) -> None:
     """Run the berth manager for this host until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -43,6 +44,7 @@ def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, heartbeat_inte
             state_dir=state_dir,
             runc_binary=runc_binary,
             runc_root=runc_root,
+            init_binary=init_binary,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             lost_after=lost_after,

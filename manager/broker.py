@@ -285,7 +285,7 @@ class Broker:
         self._commands.basic_publish(
             "",
             properties.reply_to,
-            reply.model_dump_json(exclude_none=True).encode(),
+            reply.model_dump_json().encode(),
             pika.BasicProperties(
                 content_type="application/json", correlation_id=properties.correlation_id
             ),

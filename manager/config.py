@@ -15,6 +15,10 @@ class ManagerConfig:
     runc_binary: str = "runc"
     runc_root: Path = Path("/run/berth/runc")
 
+    init_binary: str = "/usr/bin/tini-static"
+    """Init run as the container's pid 1 unless a create sets init false;
+    statically linked, so it runs in any root filesystem."""
+
     heartbeat_interval: float = 1.0
     """Seconds between an assistant's heartbeats."""
 

@@ -135,7 +135,10 @@ class Handlers:
         paths.root.mkdir(parents=True)
         try:
             bundle.write_bundle(
-                paths.bundle, spec, bundle.cgroups_path(self.config.manager_id, container_id)
+                paths.bundle,
+                spec,
+                bundle.cgroups_path(self.config.manager_id, container_id),
+                init_binary=self.config.init_binary if spec.init else None,
             )
         except bundle.BundleError as exc:
             self._remove_dir(paths)
@@ -151,6 +154,7 @@ class Handlers:
             runc_root=self.config.manager_runc_root,
             heartbeat_interval=self.config.heartbeat_interval,
             heartbeat_timeout=timeout,
+            init=spec.init,
             log_max_bytes=self.config.log_max_bytes,
             log_max_files=self.config.log_max_files,
         )

@@ -129,6 +129,11 @@ class CreateSpec(Model):
     hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]{1,63}$")
     limits: Limits = Field(default_factory=Limits)
     labels: dict[str, str] = Field(default_factory=dict)
+    init: bool = Field(
+        default=True,
+        description="run the workload under a small init (tini) that forwards"
+        " signals and reaps zombies; exits by signal N then read as 128 + N",
+    )
     heartbeat_timeout: float | None = Field(
         default=None,
         ge=0,

@@ -1,0 +1,664 @@
+"""The ``berth`` command line: send commands to a manager and follow events.
+
+Every command except ``events`` sends one command to one manager through
+:class:`messages.client.Client` and prints the reply. ``--json`` prints the
+reply itself as one JSON object, or one event object per line.
+
+Exit codes:
+
+- 0: success;
+- 1: the manager replied with an error (its code and message are printed);
+- 2: invalid usage, such as a missing option or a malformed value;
+- 3: the broker could not be reached, no manager serves the id, the reply
+  timed out, the connection was lost, or the reply was not valid;
+- 130: interrupted with Ctrl-C (``events`` exits with 0 instead).
+"""
+
+import decimal
+import json
+import logging
+import re
+import shlex
+import sys
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+import pika.exceptions
+from pydantic import ValidationError
+
+from messages.client import (
+    DEFAULT_TIMEOUT,
+    Client,
+    ClientError,
+    CommandFailed,
+    NoManager,
+    default_manager_id,
+)
+from messages.models import (
+    MAX_LOG_LINES,
+    ContainerInfo,
+    ContainerState,
+    CreateCommand,
+    DeleteCommand,
+    Event,
+    InspectCommand,
+    KillCommand,
+    ListCommand,
+    LogsCommand,
+    Reply,
+    RunCommand,
+    StartCommand,
+    StopCommand,
+    signal_name,
+)
+from messages.names import ID_PATTERN, ID_RULE
+
+EXIT_COMMAND_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+COMMAND_WIDTH = 40
+"""Characters of the COMMAND column that ``ps`` shows unless --no-trunc is given."""
+
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+SIZE_PATTERN = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?:(?P<unit>[kmgt])i?)?b?", re.IGNORECASE)
+SIZE_FORM = "a number of bytes with an optional unit k, m, g or t (powers of 1024), e.g. 64m or 1g"
+
+# Wire fields of a command and the command-line parameter that sets each,
+# so that a value the wire models reject is reported under its option name.
+PARAMETER_OF_FIELD = {
+    "id": "ID",
+    "argv": "COMMAND",
+    "env": "--env",
+    "cwd": "--cwd",
+    "rootfs": "--rootfs",
+    "hostname": "--hostname",
+    "labels": "--label",
+    "heartbeat_timeout": "--heartbeat-timeout",
+    "limits.memory_bytes": "--memory",
+    "limits.cpus": "--cpus",
+    "limits.pids": "--pids",
+    "grace": "--grace",
+    "signal": "--signal",
+    "state": "--state",
+    "tail": "--tail",
+}
+
+log = logging.getLogger(__name__)
+
+
+class ReplyInvalid(click.ClickException):
+    """A reply that does not match the wire model ``Reply``."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+@dataclass
+class Settings:
+    """Global options, shared by every command through the click context."""
+
+    url: str | None
+    manager_id: str
+    timeout: float
+    json_output: bool
+
+
+# --- parameter parsing -------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Parse a size such as ``64m``, ``1.5g`` or ``4194304`` into bytes.
+
+    Units are powers of 1024 and case-insensitive, and an ``i`` or ``b``
+    suffix is accepted (``64MiB``, ``64mb``). A fractional byte count is
+    rounded down. Raises ValueError for any other text.
+    """
+    match = SIZE_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a valid size: use {SIZE_FORM}")
+    number = decimal.Decimal(match["number"])
+    unit = (match["unit"] or "").lower()
+    return int(number * SIZE_UNITS[unit])
+
+
+class SizeType(click.ParamType):
+    """A byte count written with an optional unit, parsed by :func:`parse_size`."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def parse_pairs(items: Sequence[str]) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` items into a dict; a later key wins.
+
+    The value may be empty and may contain "=". Raises ValueError naming the
+    first item without "=" or with an empty key.
+    """
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"{item!r} is not in the form KEY=VALUE")
+        if not key:
+            raise ValueError(f"{item!r} has an empty key: use KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def pairs_callback(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> dict[str, str]:
+    try:
+        return parse_pairs(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def container_id_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not ID_PATTERN.match(value):
+        raise click.BadParameter(f"{value!r} is not a valid container id: use {ID_RULE}", ctx, param)
+    return value
+
+
+def signal_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return signal_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def validate_url(url: str) -> None:
+    """Raise click.BadParameter unless ``url`` is an amqp:// or amqps:// URL with a host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - reading it raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc}; expected amqp://USER:PASSWORD@HOST:PORT/VHOST", param_hint="'--url'") from None
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        # The URL may contain a password, so only its scheme and host are shown.
+        raise click.BadParameter(
+            f"URL with scheme {parts.scheme!r} and host {parts.hostname!r} is not an AMQP URL;"
+            " expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://...",
+            param_hint="'--url'",
+        )
+
+
+def build_command(model: type, **fields: Any) -> Any:
+    """Validate a wire command, reporting a rejected field as a bad value of its option."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = [str(item) for item in error["loc"]]
+            field = ".".join(location[:2]) if location[0] == "limits" else location[0]
+            parameter = PARAMETER_OF_FIELD.get(field, field)
+            problems.append(f"'{parameter}' ({field}={error.get('input')!r}): {error['msg']}")
+        raise click.UsageError("invalid value for " + "; ".join(problems)) from None
+
+
+# --- output formatting -------------------------------------------------------
+
+
+def format_time(moment: datetime) -> str:
+    """Format a time as ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.123Z."""
+    text = moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return text[:-3] + "Z"
+
+
+def format_age(moment: datetime, now: datetime) -> str:
+    """Format the time from ``moment`` to ``now`` as "5s ago", "3m ago", "2h ago" or "4d ago".
+
+    A moment in the future, from clock skew between hosts, shows as "0s ago".
+    """
+    seconds = max(0, int((now - moment).total_seconds()))
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def truncate(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    return text[: width - 3] + "..."
+
+
+def format_exit_code(info: ContainerInfo) -> str:
+    """Return the exit code, "-" before an exit, or "?" when the code was not collected."""
+    if info.exit is None:
+        return "-"
+    if info.exit.exit_code is None:
+        return "?"
+    return str(info.exit.exit_code)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Align columns two spaces apart; the last column is not padded."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths)]
+        lines.append("  ".join([*cells, row[-1]]))
+    return "\n".join(lines)
+
+
+def format_containers(containers: Sequence[ContainerInfo], now: datetime, no_trunc: bool) -> str:
+    header = ["ID", "STATE", "PID", "EXIT", "CREATED", "COMMAND"]
+    rows = []
+    for info in containers:
+        command = shlex.join(info.argv)
+        if not no_trunc:
+            command = truncate(command, COMMAND_WIDTH)
+        rows.append(
+            [
+                info.id,
+                info.state.value,
+                "-" if info.pid is None else str(info.pid),
+                format_exit_code(info),
+                format_age(info.created_at, now),
+                command,
+            ]
+        )
+    return format_table(header, rows)
+
+
+def format_event(event: Event) -> str:
+    """Format an event as one line: time, manager, container, event, sequence, exit details."""
+    parts = [
+        format_time(event.time),
+        event.manager_id,
+        event.container_id,
+        event.event,
+        f"seq={event.sequence}",
+    ]
+    if event.exit is not None:
+        code = event.exit.exit_code
+        parts.append(f"exit_code={'unknown' if code is None else code}")
+        if event.exit.signal:
+            parts.append(f"signal={event.exit.signal}")
+        if event.exit.oom_killed:
+            parts.append("oom_killed=true")
+        parts.append(f"reason={event.exit.reason.value}")
+    if event.message:
+        parts.append(f"message={json.dumps(event.message)}")
+    return " ".join(parts)
+
+
+# --- talking to the manager --------------------------------------------------
+
+
+def open_client(ctx: click.Context) -> Client:
+    """Connect to the broker; the connection closes when the command ends."""
+    settings = ctx.find_object(Settings)
+    if not settings.url:
+        raise click.UsageError("missing broker URL: pass --url or set BERTH_AMQP_URL or AMQP_URL", ctx)
+    client = Client(settings.url, settings.manager_id, settings.timeout)
+    ctx.call_on_close(lambda: close_client(client))
+    return client
+
+
+def close_client(client: Client) -> None:
+    try:
+        client.close()
+    except pika.exceptions.AMQPError as exc:
+        # The command already printed its result, or the error that matters.
+        log.debug("closing the broker connection failed: %r", exc)
+
+
+def send(ctx: click.Context, command: Any) -> Reply:
+    """Send ``command`` and return an ok reply; raise CommandFailed for an error reply."""
+    client = open_client(ctx)
+    try:
+        return client.request(command)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(item) for item in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise ReplyInvalid(
+            f"manager {client.manager_id!r} sent an invalid reply to {command.command}: {details}"
+        ) from None
+
+
+def print_reply(ctx: click.Context, reply: Reply, human: Callable[[], None]) -> None:
+    """Print the reply as JSON with --json, otherwise call ``human`` to print it."""
+    if ctx.find_object(Settings).json_output:
+        click.echo(reply.model_dump_json())
+    else:
+        human()
+
+
+def print_container_id(ctx: click.Context, reply: Reply) -> None:
+    print_reply(ctx, reply, lambda: click.echo(reply.container.id))
+
+
+# --- error reporting ---------------------------------------------------------
+
+
+def print_error(message: str) -> None:
+    click.echo(f"berth: error: {message}", err=True)
+
+
+def exit_code_of(error: BaseException) -> int:
+    """Print ``error`` as one ``berth: error:`` line and return the exit code for it."""
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+        error.show()
+        return error.exit_code
+    if isinstance(error, click.UsageError):
+        if error.ctx is not None:
+            click.echo(error.ctx.get_usage(), err=True)
+            click.echo(f"Try '{error.ctx.command_path} --help' for help.", err=True)
+        print_error(error.format_message())
+        return error.exit_code
+    if isinstance(error, click.ClickException):
+        print_error(error.format_message())
+        return error.exit_code
+    if isinstance(error, CommandFailed):
+        print_error(str(error))
+        return EXIT_COMMAND_FAILED
+    if isinstance(error, NoManager):
+        print_error(f"{error}; choose the manager with --manager or BERTH_MANAGER")
+        return EXIT_UNAVAILABLE
+    if isinstance(error, ClientError):
+        print_error(str(error))
+        return EXIT_UNAVAILABLE
+    if isinstance(error, pika.exceptions.AMQPError):
+        print_error(f"the broker connection failed: {error!r}; check that the broker is running and retry")
+        return EXIT_UNAVAILABLE
+    if isinstance(error, click.Abort):
+        print_error("interrupted")
+        return EXIT_INTERRUPTED
+    raise error
+
+
+class BerthGroup(click.Group):
+    """Group that prints every expected error as one line and exits with its code."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except (click.ClickException, click.Abort, ClientError, pika.exceptions.AMQPError) as error:
+            sys.exit(exit_code_of(error))
+        # Without standalone mode, click returns the code of a ctx.exit() such as --help's.
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+# --- commands ----------------------------------------------------------------
+
+
+@click.group(cls=BerthGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--url",
+    envvar=["BERTH_AMQP_URL", "AMQP_URL"],
+    metavar="URL",
+    help="Broker URL, e.g. amqp://user:password@host:5672/%2F (env BERTH_AMQP_URL, then AMQP_URL).",
+)
+@click.option(
+    "--manager",
+    "-m",
+    "manager_id",
+    envvar="BERTH_MANAGER",
+    metavar="ID",
+    help="Id of the manager to send commands to (env BERTH_MANAGER); default: this host's name.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for a reply; stop adds its grace period.",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print replies and events as JSON, one object per line.")
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, manager_id: str | None, timeout: float, json_output: bool) -> None:
+    """Manage containers through berth managers over RabbitMQ."""
+    if url:
+        validate_url(url)
+    if manager_id is None:
+        manager_id = default_manager_id()
+        if not ID_PATTERN.match(manager_id):
+            raise click.UsageError(
+                f"the host name {manager_id!r} is not a valid manager id ({ID_RULE});"
+                " pass --manager or set BERTH_MANAGER"
+            )
+    elif not ID_PATTERN.match(manager_id):
+        raise click.BadParameter(f"{manager_id!r} is not a valid manager id: use {ID_RULE}", param_hint="'--manager'")
+    ctx.obj = Settings(url=url, manager_id=manager_id, timeout=timeout, json_output=json_output)
+
+
+def container_id_argument(function: Callable) -> Callable:
+    return click.argument("container_id", metavar="ID", callback=container_id_callback)(function)
+
+
+CREATE_OPTIONS = [
+    click.option("--env", "-e", multiple=True, callback=pairs_callback, metavar="KEY=VALUE", help="Environment variable; repeatable."),
+    click.option("--cwd", help="Absolute working directory inside the container; default: /."),
+    click.option(
+        "--rootfs",
+        help="Absolute path of a root directory on the manager's host;"
+        " default: a read-only root made of the host's /usr, /bin, /lib and /sbin.",
+    ),
+    click.option("--hostname", help="Host name inside the container."),
+    click.option("--memory", type=SizeType(), help="Memory limit in bytes, with an optional unit: 64m, 1g; at least 4m."),
+    click.option("--cpus", type=float, help="CPU time limit as a number of cores, e.g. 0.5."),
+    click.option("--pids", type=int, help="Maximum number of processes."),
+    click.option("--label", "-l", multiple=True, callback=pairs_callback, metavar="KEY=VALUE", help="Label; repeatable."),
+    click.option(
+        "--heartbeat-timeout",
+        type=float,
+        help="Seconds without a reply from the manager after which the workload is killed;"
+        " 0: never; default: the manager's setting.",
+    ),
+]
+
+
+def create_options(function: Callable) -> Callable:
+    for option in reversed(CREATE_OPTIONS):
+        function = option(function)
+    return function
+
+
+def build_create(model: type, name: str, container_id: str, argv: tuple[str, ...], options: dict[str, Any]) -> Any:
+    """Build a create or run command from the options of :data:`CREATE_OPTIONS`."""
+    limits = {
+        "memory_bytes": options["memory"],
+        "cpus": options["cpus"],
+        "pids": options["pids"],
+    }
+    fields: dict[str, Any] = {
+        "command": name,
+        "id": container_id,
+        "argv": list(argv),
+        "env": options["env"],
+        "labels": options["label"],
+        "limits": {key: value for key, value in limits.items() if value is not None},
+    }
+    for field in ("cwd", "rootfs", "hostname", "heartbeat_timeout"):
+        if options[field] is not None:
+            fields[field] = options[field]
+    return build_command(model, **fields)
+
+
+COMMAND_ARGUMENT = click.argument("argv", metavar="-- COMMAND [ARG]...", nargs=-1, required=True)
+
+
+@cli.command()
+@container_id_argument
+@COMMAND_ARGUMENT
+@create_options
+@click.pass_context
+def run(ctx: click.Context, container_id: str, argv: tuple[str, ...], **options: Any) -> None:
+    """Create and start container ID running COMMAND; print its id.
+
+    Put "--" before COMMAND so that its options are not read as berth's.
+    """
+    reply = send(ctx, build_create(RunCommand, "run", container_id, argv, options))
+    print_container_id(ctx, reply)
+
+
+@cli.command()
+@container_id_argument
+@COMMAND_ARGUMENT
+@create_options
+@click.pass_context
+def create(ctx: click.Context, container_id: str, argv: tuple[str, ...], **options: Any) -> None:
+    """Create container ID for COMMAND without starting it; print its id.
+
+    Put "--" before COMMAND so that its options are not read as berth's.
+    """
+    reply = send(ctx, build_create(CreateCommand, "create", container_id, argv, options))
+    print_container_id(ctx, reply)
+
+
+@cli.command()
+@container_id_argument
+@click.pass_context
+def start(ctx: click.Context, container_id: str) -> None:
+    """Start a created container."""
+    print_container_id(ctx, send(ctx, build_command(StartCommand, command="start", id=container_id)))
+
+
+@cli.command()
+@container_id_argument
+@click.option(
+    "--grace",
+    "-t",
+    type=float,
+    help=f"Seconds between SIGTERM and SIGKILL; default: {StopCommand.model_fields['grace'].default:g}.",
+)
+@click.pass_context
+def stop(ctx: click.Context, container_id: str, grace: float | None) -> None:
+    """Stop a container with SIGTERM, then SIGKILL after the grace period; wait for its exit."""
+    fields: dict[str, Any] = {"command": "stop", "id": container_id}
+    if grace is not None:
+        fields["grace"] = grace
+    print_container_id(ctx, send(ctx, build_command(StopCommand, **fields)))
+
+
+@cli.command()
+@container_id_argument
+@click.option(
+    "--signal",
+    "-s",
+    "signal",
+    default=KillCommand.model_fields["signal"].default,
+    show_default=True,
+    callback=signal_callback,
+    help="Signal name or number, e.g. TERM, SIGHUP or 9.",
+)
+@click.pass_context
+def kill(ctx: click.Context, container_id: str, signal: str) -> None:
+    """Send a signal to a container's workload."""
+    print_container_id(ctx, send(ctx, build_command(KillCommand, command="kill", id=container_id, signal=signal)))
+
+
+@cli.command()
+@container_id_argument
+@click.option("--force", "-f", is_flag=True, help="Kill the workload first if it is still running.")
+@click.pass_context
+def rm(ctx: click.Context, container_id: str, force: bool) -> None:
+    """Delete a container, its bundle and its logs."""
+    print_container_id(ctx, send(ctx, build_command(DeleteCommand, command="delete", id=container_id, force=force)))
+
+
+@cli.command()
+@click.option("--all", "-a", "show_all", is_flag=True, help="Include deleted containers.")
+@click.option(
+    "--state",
+    type=click.Choice([state.value for state in ContainerState], case_sensitive=False),
+    help="Show only containers in this state.",
+)
+@click.option(
+    "--label",
+    "-l",
+    multiple=True,
+    callback=pairs_callback,
+    metavar="KEY=VALUE",
+    help="Show only containers with this label; repeatable, all must match.",
+)
+@click.option("--no-trunc", is_flag=True, help="Show the whole command.")
+@click.pass_context
+def ps(ctx: click.Context, show_all: bool, state: str | None, label: dict[str, str], no_trunc: bool) -> None:
+    """List the manager's containers, oldest first."""
+    command = build_command(ListCommand, command="list", all=show_all, state=state, labels=label)
+    reply = send(ctx, command)
+    now = datetime.now(timezone.utc)
+    print_reply(ctx, reply, lambda: click.echo(format_containers(reply.containers or [], now, no_trunc)))
+
+
+@cli.command()
+@container_id_argument
+@click.pass_context
+def inspect(ctx: click.Context, container_id: str) -> None:
+    """Print everything the manager stores about a container, as indented JSON."""
+    reply = send(ctx, build_command(InspectCommand, command="inspect", id=container_id))
+    print_reply(ctx, reply, lambda: click.echo(reply.container.model_dump_json(indent=2)))
+
+
+@cli.command()
+@container_id_argument
+@click.option("--tail", type=click.IntRange(0, MAX_LOG_LINES), help=f"Print only the last N lines; at most {MAX_LOG_LINES}.")
+@click.pass_context
+def logs(ctx: click.Context, container_id: str, tail: int | None) -> None:
+    """Print a container's output: stdout lines to stdout, stderr lines to stderr."""
+    reply = send(ctx, build_command(LogsCommand, command="logs", id=container_id, tail=tail))
+
+    def print_lines() -> None:
+        for line in reply.logs or []:
+            click.echo(line.line, err=line.stream == "stderr")
+
+    print_reply(ctx, reply, print_lines)
+
+
+@cli.command()
+@click.argument("pattern", default="#")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after N events; default: follow until Ctrl-C.")
+@click.pass_context
+def events(ctx: click.Context, pattern: str, count: int | None) -> None:
+    """Print events whose routing key matches PATTERN, as they happen.
+
+    Routing keys are MANAGER.CONTAINER.EVENT. In PATTERN, "*" matches one
+    word and "#" matches zero or more, e.g. "host-a.#" or "*.*.exited".
+    Events published before this command subscribes are not shown.
+    """
+    client = open_client(ctx)
+    subscription = client.subscribe(pattern)
+    json_output = ctx.find_object(Settings).json_output
+    # Printed once the queue is bound, so scripts may start the events they wait for.
+    click.echo(f"berth: following events matching {pattern!r}; press Ctrl-C to stop", err=True)
+    received = 0
+    try:
+        for event in subscription:
+            click.echo(event.model_dump_json() if json_output else format_event(event))
+            received += 1
+            if count is not None and received >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    """Run the ``berth`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="berth: %(levelname)s: %(name)s: %(message)s")
+    # pika logs each connection failure that the client then raises and the CLI reports.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    cli.main(prog_name="berth")
+
+
+if __name__ == "__main__":
+    main()
