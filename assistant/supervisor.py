@@ -51,11 +51,11 @@ from messages.models import (
 log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.05
-"""Longest the main loop sleeps in pika before checking timers, in seconds."""
+"""Maximum seconds the main loop waits in pika before checking its timers."""
 
 
 class AssistantExit(Exception):
-    """The assistant cannot go on; the message says why."""
+    """The assistant cannot continue; the message names the cause."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -183,7 +183,7 @@ class Supervisor:
             self._delete_runc_state()
             return
         finally:
-            # The workload holds its own copies now; the drains see EOF once
+            # The workload has its own copies now; the drains see EOF once
             # every process of the container closed them.
             os.close(stdout_write)
             os.close(stderr_write)
@@ -211,25 +211,24 @@ class Supervisor:
 
     def stop_workload(self, grace: float) -> None:
         """Send SIGTERM, and SIGKILL to every process after ``grace`` seconds."""
-        if not self.is_alive():
-            return
-        self.ending_reason = self.ending_reason or ExitReason.STOPPED
+        if not self.is_alive() or self._stop_timer is not None:
+            return  # a stop in progress is not restarted by a repeated order
+        self.ending_reason = ExitReason.STOPPED
         if self.status == AssistantStatus.CREATED:
             self.kill_workload(ExitReason.STOPPED)
             return
         log.info("container %s: stopping with a grace of %.1f s", self.id, grace)
         self._runc_kill("SIGTERM", all_processes=False)
-        if self._stop_timer is None:
-            self._stop_timer = threading.Timer(
-                grace, self._runc_kill, args=("SIGKILL", True)
-            )
-            self._stop_timer.daemon = True
-            self._stop_timer.start()
+        self._stop_timer = threading.Timer(grace, self._runc_kill, args=("SIGKILL", True))
+        self._stop_timer.daemon = True
+        self._stop_timer.start()
 
     def kill_workload(self, reason: ExitReason, signal_name: str = "SIGKILL") -> None:
         if not self.is_alive():
             return
-        self.ending_reason = self.ending_reason or reason
+        # The latest order names the cause: a stop after a kill of SIGUSR1 ends
+        # the workload as stopped.
+        self.ending_reason = reason
         log.info("container %s: sending %s (%s)", self.id, signal_name, reason.value)
         self._runc_kill(signal_name, all_processes=signal_name == "SIGKILL")
 
@@ -435,8 +434,6 @@ class Supervisor:
             self.kill_workload(ExitReason.MANAGER_NACK)
         elif reply.verdict == Verdict.STOP:
             self.stop_workload(reply.grace or 0.0)
-        elif reply.verdict == Verdict.KILL:
-            self.kill_workload(ExitReason.KILLED, reply.signal or "SIGKILL")
         if reply.exit_recorded and not self.is_alive():
             self.exit_recorded = True
 

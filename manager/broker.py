@@ -31,12 +31,18 @@ T = TypeVar("T")
 LOOP_TICK = 0.1
 """Seconds the serving loop waits for I/O before running periodic work."""
 
+HEARTBEAT_TTL_MS = 10_000
+"""Age at which the broker drops an unread heartbeat: its sender has sent a
+newer one or is gone. A constant, because a queue cannot be declared again
+with another TTL, so a value derived from the heartbeat interval would
+break a manager restarted with a new interval."""
+
 SHUTDOWN_TIMEOUT = 30.0
 """Seconds a stopping manager waits for commands in progress to reply."""
 
 
 class BrokerError(Exception):
-    """The broker cannot be used; the message says why and what to check."""
+    """The broker cannot be used; the message names the cause and what to check."""
 
 
 class OrderUndeliverable(Exception):
@@ -200,11 +206,9 @@ class Broker:
             arguments={"x-dead-letter-exchange": names.DEAD_LETTER_EXCHANGE},
         )
         setup.queue_bind(command_queue, names.COMMAND_EXCHANGE, routing_key=manager_id)
-        # A heartbeat older than two intervals is stale: its sender has
-        # sent a newer one or is gone, so the broker drops it unread.
-        ttl_ms = int(max(2.0, 2 * self.config.heartbeat_interval) * 1000)
         setup.queue_declare(
-            names.heartbeat_queue(manager_id), arguments={"x-message-ttl": ttl_ms}
+            names.heartbeat_queue(manager_id),
+            arguments={"x-message-ttl": HEARTBEAT_TTL_MS},
         )
         setup.close()
 

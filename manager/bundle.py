@@ -111,14 +111,14 @@ def cgroups_path(manager_id: str, container_id: str) -> str:
     point and not below the cgroup of the calling process.
     """
     for name, value in (("manager id", manager_id), ("container id", container_id)):
-        if not ID_PATTERN.match(value):
+        if not ID_PATTERN.fullmatch(value):
             raise BundleError(f"invalid {name} {value!r}: expected {ID_RULE}")
     return f"/berth/{manager_id}/{container_id}"
 
 
 INIT_DESTINATION = "/dev/init"
-"""Where the init binary appears in the container; /dev is runc's own tmpfs,
-so a caller's root directory is never written to."""
+"""Path of the init binary in the container. /dev is runc's own tmpfs, so
+the bind mount never writes to a caller's root directory."""
 
 
 def write_bundle(

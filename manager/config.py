@@ -43,7 +43,7 @@ class ManagerConfig:
     log_max_files: int = 3
 
     def __post_init__(self) -> None:
-        if not ID_PATTERN.match(self.manager_id):
+        if not ID_PATTERN.fullmatch(self.manager_id):
             raise ValueError(
                 f"invalid manager id {self.manager_id!r}: use {ID_RULE}"
                 " (set it with --id)"

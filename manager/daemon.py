@@ -116,6 +116,9 @@ class Manager:
             self.broker.settle(delivery_tag, generation, accept=False)
             return
 
+        if "request_id" not in command.model_fields_set and properties.correlation_id:
+            # A client that sets only correlation_id still gets its id back.
+            command.request_id = properties.correlation_id
         log.debug("command %s %s (request %s)", command.command, getattr(command, "id", ""), command.request_id)
         future = self.executor.submit(self.handlers.handle, command)
         self._futures.add(future)

@@ -28,6 +28,7 @@ from messages.models import (
     ControlOrder,
     CreateSpec,
     MAX_LOG_LINES,
+    MAX_LOG_REPLY_BYTES,
     ErrorCode,
     ErrorInfo,
     ExitInfo,
@@ -220,7 +221,13 @@ class Handlers:
                 " created container can be started",
             )
         self.registry.transition(container_id, ContainerState.STARTING)
-        self._send_order(container_id, ControlOrder(action="start"))
+        try:
+            self._send_order(container_id, ControlOrder(action="start"))
+        except CommandError:
+            self.registry.transition(
+                container_id, ContainerState.CREATED, message="start order undeliverable"
+            )
+            raise
         started = self.registry.wait_for(
             container_id,
             lambda record, _: record.info.state not in (ContainerState.STARTING,),
@@ -256,7 +263,12 @@ class Handlers:
             else:
                 self.registry.update(record)
         self._send_order(command.id, ControlOrder(action="stop", grace=command.grace))
-        self._wait_exited(command.id, command.grace + STOP_MARGIN)
+        if not self._wait_exited(command.id, command.grace + STOP_MARGIN):
+            raise CommandError(
+                ErrorCode.UNAVAILABLE,
+                f"container {command.id!r} did not report its exit within"
+                f" {command.grace + STOP_MARGIN:.0f} s of the stop; inspect it later",
+            )
         return self._ok(command, command.id)
 
     def do_kill(self, command) -> Reply:
@@ -382,6 +394,19 @@ class Handlers:
             request_id=command.request_id,
             ok=True,
             container=self.registry.get(command.id).info,
-            logs=[LogLine.model_validate(line) for line in lines],
+            logs=newest_within(lines, MAX_LOG_REPLY_BYTES),
         )
+
+
+def newest_within(lines: list[dict], max_bytes: int) -> list[LogLine]:
+    """Keep the newest log lines whose text fits in ``max_bytes``."""
+    kept: list[LogLine] = []
+    size = 0
+    for line in reversed(lines):
+        size += len(line["line"]) + 64  # 64: the record's other fields
+        if size > max_bytes:
+            break
+        kept.append(LogLine.model_validate(line))
+    kept.reverse()
+    return kept
 

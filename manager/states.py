@@ -6,7 +6,8 @@ from messages.models import ContainerState as S
 ALLOWED: dict[S | None, frozenset[S]] = {
     None: frozenset({S.CREATED}),
     S.CREATED: frozenset({S.STARTING, S.EXITED, S.LOST, S.DELETED}),
-    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.EXITED, S.LOST}),
+    # STARTING -> CREATED: the start order could not reach the assistant.
+    S.STARTING: frozenset({S.CREATED, S.RUNNING, S.STOPPING, S.EXITED, S.LOST}),
     S.RUNNING: frozenset({S.STOPPING, S.EXITED, S.LOST}),
     S.STOPPING: frozenset({S.EXITED, S.LOST}),
     S.LOST: frozenset({S.CREATED, S.STARTING, S.RUNNING, S.STOPPING, S.EXITED, S.DELETED}),

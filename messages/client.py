@@ -2,7 +2,7 @@
 
 One :class:`Client` owns one pika BlockingConnection and is not
 thread-safe: use one per thread. Commands are published with publisher
-confirms and ``mandatory``, so a command for a manager id nobody serves
+confirms and ``mandatory``, so a command for a manager id that no manager serves
 fails at once with :class:`NoManager` instead of waiting for a timeout.
 
 Errors, all under :class:`ClientError`:
@@ -29,8 +29,9 @@ from messages.models import Command, ErrorCode, Event, Reply, command_adapter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 60.0
-"""Seconds to wait for a reply; creating a container takes well under 1 s."""
+DEFAULT_TIMEOUT = 90.0
+"""Seconds to wait for a reply: longer than the manager's 60 s create
+timeout, so a slow create still gets its create_failed reply."""
 
 
 class ClientError(Exception):
@@ -70,6 +71,9 @@ class Client:
             raise BrokerUnavailable(f"cannot connect to the broker at {redact_url(url)}: {exc!r}") from exc
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
+        # Declared here too (same arguments as the manager), so a command
+        # sent before any manager ever ran fails with NoManager, not a 404.
+        self._channel.exchange_declare(names.COMMAND_EXCHANGE, "direct", durable=True)
         self._channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
         self._replies: dict[str, bytes] = {}
 

@@ -27,10 +27,13 @@ from messages.names import ID_PATTERN, ID_RULE
 SCHEMA_VERSION = 1
 
 MAX_MESSAGE_BYTES = 1024 * 1024
-"""Largest command body a manager accepts; larger ones are rejected unread."""
+"""Largest command body a manager accepts; larger ones are rejected before parsing."""
 
 MAX_LOG_LINES = 10_000
-"""Most log lines one ``logs`` reply carries, so a reply stays under 16 MiB."""
+"""Maximum log lines in one ``logs`` reply."""
+
+MAX_LOG_REPLY_BYTES = 8 * 1024 * 1024
+"""Maximum bytes of log text in one ``logs`` reply; older lines are left out first."""
 
 
 def utc_now() -> datetime:
@@ -60,7 +63,7 @@ class ContainerState(str, enum.Enum):
 
 
 class ExitReason(str, enum.Enum):
-    """Why a workload ended."""
+    """Cause of a workload's end."""
 
     EXITED = "exited"  # it ended by itself
     STOPPED = "stopped"  # a stop command ended it
@@ -78,7 +81,7 @@ class ErrorCode(str, enum.Enum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"  # illegal in the container's current state
     CREATE_FAILED = "create_failed"  # the OCI runtime rejected the container
-    UNAVAILABLE = "unavailable"  # the assistant did not answer in time
+    UNAVAILABLE = "unavailable"  # the assistant or the broker could not be reached in time
     INTERNAL = "internal"
 
 
@@ -112,7 +115,7 @@ class Limits(Model):
     cpus: float | None = Field(
         default=None, gt=0, le=1024, description="CPU time as a number of cores"
     )
-    pids: int | None = Field(default=None, ge=1, description="most processes")
+    pids: int | None = Field(default=None, ge=1, description="maximum number of processes")
 
 
 class CreateSpec(Model):
@@ -168,7 +171,7 @@ class StopCommand(CommandBase):
 class KillCommand(CommandBase):
     command: Literal["kill"]
     id: ContainerId
-    signal: str = "SIGKILL"
+    signal: str | int = Field(default="SIGKILL", description="a name such as SIGTERM or a number")
 
     @field_validator("signal", mode="before")
     @classmethod
@@ -319,14 +322,12 @@ class Verdict(str, enum.Enum):
     ACK = "ack"  # keep going
     NACK = "nack"  # the manager does not know this container: kill and exit
     STOP = "stop"  # SIGTERM, then SIGKILL after the grace period
-    KILL = "kill"  # send the signal
 
 
 class HeartbeatReply(Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     verdict: Verdict
     grace: float | None = None
-    signal: str | None = None
     exit_recorded: bool = Field(
         default=False, description="the manager stored the exit it was sent"
     )
@@ -345,7 +346,7 @@ class ControlOrder(Model):
 
 
 class BadMessage(ValueError):
-    """A message body that cannot be accepted; ``code`` says which kind."""
+    """A message body that cannot be accepted; ``code`` is its error code."""
 
     def __init__(self, code: ErrorCode, message: str, request_id: str | None = None):
         super().__init__(message)

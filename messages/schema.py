@@ -49,8 +49,10 @@ def build_schema() -> dict[str, Any]:
     Every message type and every model it contains gets a ``$defs`` entry.
     The document's own root accepts any one of the message types.
     """
-    # Validation mode describes what a receiver accepts. Every message
-    # that berth itself sends is also valid input to its models.
+    # Validation mode describes what a receiver accepts, which is the
+    # contract for senders in other languages too.
+    # NOTE: replies leave out null fields, so a reply carrying an exit with
+    # exit_code null does not validate against this schema.
     inputs = [
         (name, "validation", TypeAdapter(message_type))
         for name, message_type in MESSAGE_TYPES.items()
@@ -65,7 +67,10 @@ def build_schema() -> dict[str, Any]:
         if root == {"$ref": f"#/$defs/{name}"}:
             continue
         if name in defs:
-            raise ValueError(f"$defs entry {name!r} would be overwritten by the {name} union")
+            raise ValueError(
+                f"cannot add the {name} union to $defs: a model named {name!r} is"
+                " already there; rename one of them"
+            )
         defs[name] = root
 
     return {
