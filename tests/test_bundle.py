@@ -101,10 +101,10 @@ def test_env_default_path(tmp_path):
 
 
 def test_env_keeps_spec_path(tmp_path):
-    config = write_config(tmp_path / "b", env={"PATH": "/opt/bin"})
+    config = write_config(tmp_path / "b", env={"PATH": "/opt/bin:/usr/bin"})
     path_entries = [item for item in config["process"]["env"] if item.startswith("PATH=")]
 
-    assert path_entries == ["PATH=/opt/bin"]
+    assert path_entries == ["PATH=/opt/bin:/usr/bin"]
 
 
 @pytest.mark.parametrize("env", [{"A=B": "1"}, {"": "1"}, {"A": "x\0y"}])
@@ -268,16 +268,69 @@ def test_write_bundle_twice(tmp_path):
     assert not (bundle_dir / "config.json.partial").exists()
 
 
+def make_image(root: pathlib.Path, program: str = "bin/tool") -> pathlib.Path:
+    """Create a caller's root directory holding one executable file."""
+    executable = root / program
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+    return root
+
+
 def test_own_rootfs_used_as_is(tmp_path):
-    rootfs = tmp_path / "image"
-    rootfs.mkdir()
+    rootfs = make_image(tmp_path / "image")
     bundle_dir = tmp_path / "b"
-    config = write_config(bundle_dir, rootfs=str(rootfs))
+    config = write_config(bundle_dir, rootfs=str(rootfs), argv=["/bin/tool"])
 
     assert config["root"] == {"path": str(rootfs), "readonly": False}
     assert not any(item["type"] == "bind" for item in config["mounts"])
     assert not (bundle_dir / "rootfs").exists()
-    assert list(rootfs.iterdir()) == []
+    assert [path.name for path in rootfs.iterdir()] == ["bin"]
+
+
+def test_program_searched_in_path_of_own_rootfs(tmp_path):
+    rootfs = make_image(tmp_path / "image", "opt/app/run")
+    config = write_config(
+        tmp_path / "b", rootfs=str(rootfs), argv=["run"], env={"PATH": "/usr/bin:/opt/app"}
+    )
+
+    assert config["process"]["args"] == ["run"]
+
+
+@pytest.mark.parametrize("argv0", ["/no/such/program", "no-such-program", "/bin/tool/.."])
+def test_missing_program_raises_naming_it(tmp_path, argv0):
+    rootfs = make_image(tmp_path / "image")
+    with pytest.raises(bundle.BundleError, match="not found in the container's root") as error:
+        write_config(tmp_path / "b", rootfs=str(rootfs), argv=[argv0])
+
+    assert repr(argv0) in str(error.value)
+
+
+def test_default_root_finds_host_programs(tmp_path):
+    config = write_config(tmp_path / "b", argv=["sh", "-c", "true"])
+
+    assert config["process"]["args"][0] == "sh"
+    with pytest.raises(bundle.BundleError, match="'berth-no-such-program'"):
+        write_config(tmp_path / "c", argv=["berth-no-such-program"])
+
+
+def test_init_wraps_argv_and_mounts_binary(tmp_path):
+    init = make_image(tmp_path / "host", "tini") / "tini"
+    spec = make_spec(argv=["sleep", "1"])
+    path = bundle.write_bundle(tmp_path / "b", spec, "/berth/m1/c1", init_binary=str(init))
+    config = json.loads(path.read_text())
+
+    assert config["process"]["args"] == [bundle.INIT_DESTINATION, "--", "sleep", "1"]
+    init_mount = config["mounts"][-1]
+    assert init_mount["destination"] == bundle.INIT_DESTINATION
+    assert init_mount["source"] == str(init)
+    assert "ro" in init_mount["options"]
+
+
+def test_missing_init_binary_raises(tmp_path):
+    spec = make_spec(argv=["sleep", "1"])
+    with pytest.raises(bundle.BundleError, match="apt-get install tini"):
+        bundle.write_bundle(tmp_path / "b", spec, "/berth/m1/c1", init_binary="/no/such/tini")
 
 
 def test_missing_rootfs_raises(tmp_path):
