@@ -6,12 +6,12 @@ reply itself as one JSON object, or one event object per line.
 
 Exit codes:
 
-- 0: success;
-- 1: the manager replied with an error (its code and message are printed);
-- 2: invalid usage, such as a missing option or a malformed value;
+- 0: success.
+- 1: the manager replied with an error, whose code and message are printed.
+- 2: invalid usage, such as a missing option or a malformed value.
 - 3: the broker could not be reached, no manager serves the id, the reply
-  timed out, the connection was lost, or the reply was not valid;
-- 130: interrupted with Ctrl-C (``events`` exits with 0 instead).
+  timed out, the connection was lost, or the reply was not valid.
+- 130: interrupted with Ctrl-C. ``events`` exits with 0 instead.
 """
 
 import decimal
@@ -30,6 +30,7 @@ import click
 import pika.exceptions
 from pydantic import ValidationError
 
+from messages.brokers import split_urls
 from messages.client import (
     DEFAULT_TIMEOUT,
     Client,
@@ -58,12 +59,21 @@ from messages.models import (
 from messages.names import ID_PATTERN, ID_RULE
 
 EXIT_COMMAND_FAILED = 1
-EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
 COMMAND_WIDTH = 40
 """Characters of the COMMAND column that ``ps`` shows unless --no-trunc is given."""
+
+PID_STATES = frozenset(
+    {
+        ContainerState.CREATED,
+        ContainerState.STARTING,
+        ContainerState.RUNNING,
+        ContainerState.STOPPING,
+    }
+)
+"""States in which ``ps`` shows the workload pid."""
 
 SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 SIZE_PATTERN = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?:(?P<unit>[kmgt])i?)?b?", re.IGNORECASE)
@@ -157,7 +167,9 @@ def parse_pairs(items: Sequence[str]) -> dict[str, str]:
     return pairs
 
 
-def pairs_callback(ctx: click.Context, param: click.Parameter, value: Sequence[str]) -> dict[str, str]:
+def pairs_callback(
+    ctx: click.Context, param: click.Parameter, value: Sequence[str]
+) -> dict[str, str]:
     try:
         return parse_pairs(value)
     except ValueError as exc:
@@ -165,8 +177,9 @@ def pairs_callback(ctx: click.Context, param: click.Parameter, value: Sequence[s
 
 
 def container_id_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not ID_PATTERN.match(value):
-        raise click.BadParameter(f"{value!r} is not a valid container id: use {ID_RULE}", ctx, param)
+    if not ID_PATTERN.fullmatch(value):
+        message = f"{value!r} is not a valid container id: use {ID_RULE}"
+        raise click.BadParameter(message, ctx, param)
     return value
 
 
@@ -177,34 +190,51 @@ def signal_callback(ctx: click.Context, param: click.Parameter, value: str) -> s
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-def validate_url(url: str) -> None:
-    """Raise click.BadParameter unless ``url`` is an amqp:// or amqps:// URL with a host."""
+def validate_urls(urls: str) -> None:
+    """Raise click.BadParameter unless ``urls`` lists amqp:// or amqps:// URLs with a host.
+
+    ``urls`` is one URL or several separated by commas, tried in order.
+    """
+    form = "amqp://USER:PASSWORD@HOST:PORT/VHOST, or several such URLs separated by commas"
     try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - reading it raises ValueError for a port that is not a number
+        parts_of_urls = [urllib.parse.urlsplit(url) for url in split_urls(urls)]
+        for parts in parts_of_urls:
+            parts.port  # noqa: B018 - reading it raises ValueError for a port that is not a number
     except ValueError as exc:
-        raise click.BadParameter(f"{exc}; expected amqp://USER:PASSWORD@HOST:PORT/VHOST", param_hint="'--url'") from None
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        # The URL may contain a password, so only its scheme and host are shown.
-        raise click.BadParameter(
-            f"URL with scheme {parts.scheme!r} and host {parts.hostname!r} is not an AMQP URL;"
-            " expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://...",
-            param_hint="'--url'",
-        )
+        raise click.BadParameter(f"{exc}; expected {form}", param_hint="'--url'") from None
+    for parts in parts_of_urls:
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            # The URL may contain a password, so only its scheme and host are shown.
+            raise click.BadParameter(
+                f"URL with scheme {parts.scheme!r} and host {parts.hostname!r} is not an AMQP URL;"
+                f" expected {form}",
+                param_hint="'--url'",
+            )
+        try:
+            pika.URLParameters(urllib.parse.urlunsplit(parts))
+        except ValueError as exc:
+            # pika raises it for query options such as ?heartbeat=x. Its text
+            # names the option and value, never the password.
+            raise click.BadParameter(
+                f"{exc}; see pika's URLParameters for the query options", param_hint="'--url'"
+            ) from None
 
 
 def build_command(model: type, **fields: Any) -> Any:
-    """Validate a wire command, reporting a rejected field as a bad value of its option."""
+    """Build and validate a wire command.
+
+    Raises click.UsageError that names the command-line option of each rejected field.
+    """
     try:
         return model(**fields)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            location = [str(item) for item in error["loc"]]
+            location = [str(item) for item in error["loc"]] or ["command"]
             field = ".".join(location[:2]) if location[0] == "limits" else location[0]
             parameter = PARAMETER_OF_FIELD.get(field, field)
             problems.append(f"'{parameter}' ({field}={error.get('input')!r}): {error['msg']}")
-        raise click.UsageError("invalid value for " + "; ".join(problems)) from None
+        raise click.UsageError("Invalid value for " + "; ".join(problems)) from None
 
 
 # --- output formatting -------------------------------------------------------
@@ -247,13 +277,23 @@ def format_exit_code(info: ContainerInfo) -> str:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Align columns two spaces apart; the last column is not padded."""
+    """Align columns two spaces apart. The last column is not padded."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths)]
         lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(lines)
+
+
+def format_pid(info: ContainerInfo) -> str:
+    """Return the workload pid while the workload may be alive, otherwise "-".
+
+    The pid of an ended workload may already belong to another process.
+    """
+    if info.pid is None or info.state not in PID_STATES:
+        return "-"
+    return str(info.pid)
 
 
 def format_containers(containers: Sequence[ContainerInfo], now: datetime, no_trunc: bool) -> str:
@@ -267,7 +307,7 @@ def format_containers(containers: Sequence[ContainerInfo], now: datetime, no_tru
             [
                 info.id,
                 info.state.value,
-                "-" if info.pid is None else str(info.pid),
+                format_pid(info),
                 format_exit_code(info),
                 format_age(info.created_at, now),
                 command,
@@ -302,10 +342,12 @@ def format_event(event: Event) -> str:
 
 
 def open_client(ctx: click.Context) -> Client:
-    """Connect to the broker; the connection closes when the command ends."""
+    """Connect to the broker and close the connection when the command ends."""
     settings = ctx.find_object(Settings)
     if not settings.url:
-        raise click.UsageError("missing broker URL: pass --url or set BERTH_AMQP_URL or AMQP_URL", ctx)
+        raise click.UsageError(
+            "missing broker URL: pass --url or set BERTH_AMQP_URL or AMQP_URL", ctx
+        )
     client = Client(settings.url, settings.manager_id, settings.timeout)
     ctx.call_on_close(lambda: close_client(client))
     return client
@@ -320,14 +362,19 @@ def close_client(client: Client) -> None:
 
 
 def send(ctx: click.Context, command: Any) -> Reply:
-    """Send ``command`` and return an ok reply; raise CommandFailed for an error reply."""
+    """Send ``command`` and return the manager's ok reply.
+
+    Raises CommandFailed for an error reply and ReplyInvalid for a reply that does not parse.
+    """
     client = open_client(ctx)
     try:
         return client.request(command)
     except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(item) for item in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
+        problems = []
+        for error in exc.errors():
+            location = ".".join(str(item) for item in error["loc"])
+            problems.append(f"{location}: {error['msg']}")
+        details = "; ".join(problems)
         raise ReplyInvalid(
             f"manager {client.manager_id!r} sent an invalid reply to {command.command}: {details}"
         ) from None
@@ -341,8 +388,8 @@ def print_reply(ctx: click.Context, reply: Reply, human: Callable[[], None]) -> 
         human()
 
 
-def print_container_id(ctx: click.Context, reply: Reply) -> None:
-    print_reply(ctx, reply, lambda: click.echo(reply.container.id))
+def print_container_id(ctx: click.Context, reply: Reply, container_id: str) -> None:
+    print_reply(ctx, reply, lambda: click.echo(container_id))
 
 
 # --- error reporting ---------------------------------------------------------
@@ -353,7 +400,10 @@ def print_error(message: str) -> None:
 
 
 def exit_code_of(error: BaseException) -> int:
-    """Print ``error`` as one ``berth: error:`` line and return the exit code for it."""
+    """Print ``error`` as a ``berth: error:`` line and return the exit code for its kind.
+
+    A usage error is preceded by the command's usage line and a hint to run --help.
+    """
     if isinstance(error, click.exceptions.NoArgsIsHelpError):
         error.show()
         return error.exit_code
@@ -376,16 +426,21 @@ def exit_code_of(error: BaseException) -> int:
         print_error(str(error))
         return EXIT_UNAVAILABLE
     if isinstance(error, pika.exceptions.AMQPError):
-        print_error(f"the broker connection failed: {error!r}; check that the broker is running and retry")
+        print_error(
+            f"the broker connection failed: {error!r}; check that the broker is running and retry"
+        )
         return EXIT_UNAVAILABLE
     if isinstance(error, click.Abort):
         print_error("interrupted")
         return EXIT_INTERRUPTED
-    raise error
+    raise error  # not one of the types that BerthGroup.main catches
 
 
 class BerthGroup(click.Group):
-    """Group that prints every expected error as one line and exits with its code."""
+    """Group whose main() prints expected errors as ``berth: error:`` lines.
+
+    It exits with the code of each kind of error, listed in the module docstring.
+    """
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -401,12 +456,16 @@ class BerthGroup(click.Group):
 # --- commands ----------------------------------------------------------------
 
 
-@click.group(cls=BerthGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=BerthGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--url",
     envvar=["BERTH_AMQP_URL", "AMQP_URL"],
     metavar="URL",
-    help="Broker URL, e.g. amqp://user:password@host:5672/%2F (env BERTH_AMQP_URL, then AMQP_URL).",
+    help="Broker URL, e.g. amqp://user:password@host:5672/%2F, or several separated by commas,"
+    " tried in order (env BERTH_AMQP_URL, then AMQP_URL).",
 )
 @click.option(
     "--manager",
@@ -423,22 +482,51 @@ class BerthGroup(click.Group):
     show_default=True,
     help="Seconds to wait for a reply; stop adds its grace period.",
 )
-@click.option("--json", "json_output", is_flag=True, help="Print replies and events as JSON, one object per line.")
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="Print replies and events as JSON, one object per line.",
+)
 @click.pass_context
-def cli(ctx: click.Context, url: str | None, manager_id: str | None, timeout: float, json_output: bool) -> None:
+def cli(
+    ctx: click.Context,
+    url: str | None,
+    manager_id: str | None,
+    timeout: float,
+    json_output: bool,
+) -> None:
     """Manage containers through berth managers over RabbitMQ."""
     if url:
-        validate_url(url)
+        validate_urls(url)
     if manager_id is None:
         manager_id = default_manager_id()
-        if not ID_PATTERN.match(manager_id):
+        if not ID_PATTERN.fullmatch(manager_id):
             raise click.UsageError(
                 f"the host name {manager_id!r} is not a valid manager id ({ID_RULE});"
                 " pass --manager or set BERTH_MANAGER"
             )
-    elif not ID_PATTERN.match(manager_id):
-        raise click.BadParameter(f"{manager_id!r} is not a valid manager id: use {ID_RULE}", param_hint="'--manager'")
+    elif not ID_PATTERN.fullmatch(manager_id):
+        raise click.BadParameter(
+            f"{manager_id!r} is not a valid manager id: use {ID_RULE}", param_hint="'--manager'"
+        )
     ctx.obj = Settings(url=url, manager_id=manager_id, timeout=timeout, json_output=json_output)
+
+
+def json_callback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Settings).json_output = True
+
+
+def json_option(function: Callable) -> Callable:
+    """Accept --json after the command name too, as in ``berth ps --json``."""
+    return click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        callback=json_callback,
+        help="Print the reply, or each event, as one JSON object per line; same as berth --json.",
+    )(function)
 
 
 def container_id_argument(function: Callable) -> Callable:
@@ -446,7 +534,14 @@ def container_id_argument(function: Callable) -> Callable:
 
 
 CREATE_OPTIONS = [
-    click.option("--env", "-e", multiple=True, callback=pairs_callback, metavar="KEY=VALUE", help="Environment variable; repeatable."),
+    click.option(
+        "--env",
+        "-e",
+        multiple=True,
+        callback=pairs_callback,
+        metavar="KEY=VALUE",
+        help="Environment variable; repeatable.",
+    ),
     click.option("--cwd", help="Absolute working directory inside the container; default: /."),
     click.option(
         "--rootfs",
@@ -454,15 +549,32 @@ CREATE_OPTIONS = [
         " default: a read-only root made of the host's /usr, /bin, /lib and /sbin.",
     ),
     click.option("--hostname", help="Host name inside the container."),
-    click.option("--memory", type=SizeType(), help="Memory limit in bytes, with an optional unit: 64m, 1g; at least 4m."),
+    click.option(
+        "--memory",
+        type=SizeType(),
+        help="Memory limit in bytes, with an optional unit: 64m, 1g; at least 4m.",
+    ),
     click.option("--cpus", type=float, help="CPU time limit as a number of cores, e.g. 0.5."),
     click.option("--pids", type=int, help="Maximum number of processes."),
-    click.option("--label", "-l", multiple=True, callback=pairs_callback, metavar="KEY=VALUE", help="Label; repeatable."),
+    click.option(
+        "--label",
+        "-l",
+        multiple=True,
+        callback=pairs_callback,
+        metavar="KEY=VALUE",
+        help="Label; repeatable.",
+    ),
     click.option(
         "--heartbeat-timeout",
         type=float,
         help="Seconds without a reply from the manager after which the workload is killed;"
         " 0: never; default: the manager's setting.",
+    ),
+    click.option(
+        "--init/--no-init",
+        default=True,
+        show_default=True,
+        help="Run the workload under tini, which forwards signals and reaps zombies.",
     ),
 ]
 
@@ -473,7 +585,9 @@ def create_options(function: Callable) -> Callable:
     return function
 
 
-def build_create(model: type, name: str, container_id: str, argv: tuple[str, ...], options: dict[str, Any]) -> Any:
+def build_create(
+    model: type, name: str, container_id: str, argv: tuple[str, ...], options: dict[str, Any]
+) -> Any:
     """Build a create or run command from the options of :data:`CREATE_OPTIONS`."""
     limits = {
         "memory_bytes": options["memory"],
@@ -487,6 +601,7 @@ def build_create(model: type, name: str, container_id: str, argv: tuple[str, ...
         "env": options["env"],
         "labels": options["label"],
         "limits": {key: value for key, value in limits.items() if value is not None},
+        "init": options["init"],
     }
     for field in ("cwd", "rootfs", "hostname", "heartbeat_timeout"):
         if options[field] is not None:
@@ -501,36 +616,42 @@ COMMAND_ARGUMENT = click.argument("argv", metavar="-- COMMAND [ARG]...", nargs=-
 @container_id_argument
 @COMMAND_ARGUMENT
 @create_options
+@json_option
 @click.pass_context
 def run(ctx: click.Context, container_id: str, argv: tuple[str, ...], **options: Any) -> None:
-    """Create and start container ID running COMMAND; print its id.
+    """Create and start a container; print its id.
 
-    Put "--" before COMMAND so that its options are not read as berth's.
+    The container ID runs COMMAND. Put "--" before COMMAND so that its
+    options are not read as berth's.
     """
     reply = send(ctx, build_create(RunCommand, "run", container_id, argv, options))
-    print_container_id(ctx, reply)
+    print_container_id(ctx, reply, container_id)
 
 
 @cli.command()
 @container_id_argument
 @COMMAND_ARGUMENT
 @create_options
+@json_option
 @click.pass_context
 def create(ctx: click.Context, container_id: str, argv: tuple[str, ...], **options: Any) -> None:
-    """Create container ID for COMMAND without starting it; print its id.
+    """Create a container without starting it; print its id.
 
-    Put "--" before COMMAND so that its options are not read as berth's.
+    The container ID will run COMMAND once started. Put "--" before COMMAND
+    so that its options are not read as berth's.
     """
     reply = send(ctx, build_create(CreateCommand, "create", container_id, argv, options))
-    print_container_id(ctx, reply)
+    print_container_id(ctx, reply, container_id)
 
 
 @cli.command()
 @container_id_argument
+@json_option
 @click.pass_context
 def start(ctx: click.Context, container_id: str) -> None:
     """Start a created container."""
-    print_container_id(ctx, send(ctx, build_command(StartCommand, command="start", id=container_id)))
+    command = build_command(StartCommand, command="start", id=container_id)
+    print_container_id(ctx, send(ctx, command), container_id)
 
 
 @cli.command()
@@ -539,15 +660,20 @@ def start(ctx: click.Context, container_id: str) -> None:
     "--grace",
     "-t",
     type=float,
-    help=f"Seconds between SIGTERM and SIGKILL; default: {StopCommand.model_fields['grace'].default:g}.",
+    help="Seconds between SIGTERM and SIGKILL;"
+    f" default: {StopCommand.model_fields['grace'].default:g}.",
 )
+@json_option
 @click.pass_context
 def stop(ctx: click.Context, container_id: str, grace: float | None) -> None:
-    """Stop a container with SIGTERM, then SIGKILL after the grace period; wait for its exit."""
+    """Stop a container and wait for its exit.
+
+    The workload gets SIGTERM, then SIGKILL once the grace period ends.
+    """
     fields: dict[str, Any] = {"command": "stop", "id": container_id}
     if grace is not None:
         fields["grace"] = grace
-    print_container_id(ctx, send(ctx, build_command(StopCommand, **fields)))
+    print_container_id(ctx, send(ctx, build_command(StopCommand, **fields)), container_id)
 
 
 @cli.command()
@@ -561,19 +687,23 @@ def stop(ctx: click.Context, container_id: str, grace: float | None) -> None:
     callback=signal_callback,
     help="Signal name or number, e.g. TERM, SIGHUP or 9.",
 )
+@json_option
 @click.pass_context
 def kill(ctx: click.Context, container_id: str, signal: str) -> None:
     """Send a signal to a container's workload."""
-    print_container_id(ctx, send(ctx, build_command(KillCommand, command="kill", id=container_id, signal=signal)))
+    command = build_command(KillCommand, command="kill", id=container_id, signal=signal)
+    print_container_id(ctx, send(ctx, command), container_id)
 
 
 @cli.command()
 @container_id_argument
 @click.option("--force", "-f", is_flag=True, help="Kill the workload first if it is still running.")
+@json_option
 @click.pass_context
 def rm(ctx: click.Context, container_id: str, force: bool) -> None:
     """Delete a container, its bundle and its logs."""
-    print_container_id(ctx, send(ctx, build_command(DeleteCommand, command="delete", id=container_id, force=force)))
+    command = build_command(DeleteCommand, command="delete", id=container_id, force=force)
+    print_container_id(ctx, send(ctx, command), container_id)
 
 
 @cli.command()
@@ -592,30 +722,55 @@ def rm(ctx: click.Context, container_id: str, force: bool) -> None:
     help="Show only containers with this label; repeatable, all must match.",
 )
 @click.option("--no-trunc", is_flag=True, help="Show the whole command.")
+@json_option
 @click.pass_context
-def ps(ctx: click.Context, show_all: bool, state: str | None, label: dict[str, str], no_trunc: bool) -> None:
+def ps(
+    ctx: click.Context,
+    show_all: bool,
+    state: str | None,
+    label: dict[str, str],
+    no_trunc: bool,
+) -> None:
     """List the manager's containers, oldest first."""
     command = build_command(ListCommand, command="list", all=show_all, state=state, labels=label)
     reply = send(ctx, command)
     now = datetime.now(timezone.utc)
-    print_reply(ctx, reply, lambda: click.echo(format_containers(reply.containers or [], now, no_trunc)))
+
+    def print_table() -> None:
+        click.echo(format_containers(reply.containers or [], now, no_trunc))
+
+    print_reply(ctx, reply, print_table)
 
 
 @cli.command()
 @container_id_argument
+@json_option
 @click.pass_context
 def inspect(ctx: click.Context, container_id: str) -> None:
-    """Print everything the manager stores about a container, as indented JSON."""
+    """Print a container's stored details as indented JSON."""
     reply = send(ctx, build_command(InspectCommand, command="inspect", id=container_id))
+    if reply.container is None:
+        manager_id = ctx.find_object(Settings).manager_id
+        raise ReplyInvalid(
+            f"manager {manager_id!r} sent an ok reply to inspect {container_id!r} without a container"
+        )
     print_reply(ctx, reply, lambda: click.echo(reply.container.model_dump_json(indent=2)))
 
 
 @cli.command()
 @container_id_argument
-@click.option("--tail", type=click.IntRange(0, MAX_LOG_LINES), help=f"Print only the last N lines; at most {MAX_LOG_LINES}.")
+@click.option(
+    "--tail",
+    type=click.IntRange(0, MAX_LOG_LINES),
+    help=f"Print only the last N lines; at most {MAX_LOG_LINES}.",
+)
+@json_option
 @click.pass_context
 def logs(ctx: click.Context, container_id: str, tail: int | None) -> None:
-    """Print a container's output: stdout lines to stdout, stderr lines to stderr."""
+    """Print a container's output lines.
+
+    Lines the workload wrote to stderr go to stderr, the others to stdout.
+    """
     reply = send(ctx, build_command(LogsCommand, command="logs", id=container_id, tail=tail))
 
     def print_lines() -> None:
@@ -627,10 +782,17 @@ def logs(ctx: click.Context, container_id: str, tail: int | None) -> None:
 
 @cli.command()
 @click.argument("pattern", default="#")
-@click.option("--count", type=click.IntRange(min=1), help="Exit after N events; default: follow until Ctrl-C.")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    help="Exit after N events; default: follow until Ctrl-C.",
+)
+@json_option
 @click.pass_context
 def events(ctx: click.Context, pattern: str, count: int | None) -> None:
-    """Print events whose routing key matches PATTERN, as they happen.
+    """Follow container events and print them as they arrive.
+
+    Only events whose routing key matches PATTERN are shown.
 
     Routing keys are MANAGER.CONTAINER.EVENT. In PATTERN, "*" matches one
     word and "#" matches zero or more, e.g. "host-a.#" or "*.*.exited".
