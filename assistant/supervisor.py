@@ -38,6 +38,7 @@ from assistant.logfile import RotatingLog, drain
 from assistant.reaper import InitWatcher, become_subreaper, decode_status
 from assistant.runtime import Runc, RuncError
 from messages import names
+from messages.brokers import connection_parameters
 from messages.models import (
     AssistantStatus,
     ControlOrder,
@@ -88,6 +89,8 @@ class Supervisor:
         self.exited_at: float | None = None
 
         self.last_reply = time.monotonic()
+        self.epoch = 0
+        """Newest manager epoch seen in a heartbeat reply."""
         self.connection: pika.BlockingConnection | None = None
         self.channel = None
         self._exits: queue.SimpleQueue[ExitInfo] = queue.SimpleQueue()
@@ -331,7 +334,9 @@ class Supervisor:
         """Open the connection, retrying with backoff for at most ``budget`` s."""
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
-            wait=wait_exponential_jitter(initial=0.2, max=self.config.reconnect_cap()),
+            wait=wait_exponential_jitter(
+                multiplier=0.2, max=self.config.reconnect_cap(), jitter=0.1
+            ),
             stop=stop_after_delay(budget),
             before_sleep=lambda state: log.warning(
                 "container %s: broker connection failed (%s); retry %d in %.1f s",
@@ -348,9 +353,11 @@ class Supervisor:
             raise AssistantExit(f"cannot reach the broker: {exc!r}") from exc
 
     def _open_channel(self) -> None:
-        parameters = pika.URLParameters(self.config.amqp_url)
-        parameters.connection_attempts = 1
-        parameters.blocked_connection_timeout = max(5.0, self.config.heartbeat_timeout)
+        parameters = connection_parameters(
+            self.config.amqp_url,
+            connection_attempts=1,
+            blocked_connection_timeout=max(5.0, self.config.heartbeat_timeout),
+        )
         connection = pika.BlockingConnection(parameters)
         channel = connection.channel()
         channel.confirm_delivery()
@@ -423,6 +430,20 @@ class Supervisor:
             reply = HeartbeatReply.model_validate_json(body)
         except ValueError as exc:
             log.error("container %s: invalid heartbeat reply %r: %s", self.id, body[:200], exc)
+            return
+        if reply.epoch < self.epoch and reply.verdict in (Verdict.NACK, Verdict.STOP):
+            # A manager run older than one already heard from, for instance
+            # one that lost its broker connection and lives on, must not end
+            # a workload that the newer run adopted.
+            log.warning(
+                "container %s: ignoring %s from manager epoch %d (latest %d)",
+                self.id, reply.verdict.value, reply.epoch, self.epoch,
+            )
+            return
+        self.epoch = max(self.epoch, reply.epoch)
+        if reply.verdict == Verdict.RETRY_LATER:
+            # Neither ack nor nack: the heartbeat timeout keeps running.
+            log.info("container %s: manager is not ready for it yet", self.id)
             return
         self.last_reply = time.monotonic()
         if reply.verdict == Verdict.NACK:

@@ -25,12 +25,13 @@ from manager.daemon import Manager
 @click.option("--init-binary", default="/usr/bin/tini-static", help="Static init run as each container's pid 1 unless a create sets init false.")
 @click.option("--heartbeat-interval", type=float, default=1.0, help="Seconds between assistant heartbeats.")
 @click.option("--heartbeat-timeout", type=float, default=30.0, help="Default seconds without a reply before an assistant kills its workload; 0: never.")
+@click.option("--adopt-window", type=float, default=5.0, help="Seconds after start during which heartbeats of unknown containers get retry_later instead of nack.")
 @click.option("--lost-after", type=float, default=5.0, help="Seconds without a heartbeat before a container is lost.")
 @click.option("--workers", type=click.IntRange(1, 256), default=8, help="Threads handling commands.")
 @click.option("--connect-timeout", type=float, default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, heartbeat_interval,
-         heartbeat_timeout, lost_after, workers, connect_timeout, log_level) -> None:
+         heartbeat_timeout, adopt_window, lost_after, workers, connect_timeout, log_level) -> None:
     """Run the berth manager for this host until SIGTERM or SIGINT."""
     logging.basicConfig(
         level=log_level,
@@ -47,6 +48,7 @@ def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, h
             init_binary=init_binary,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
+            adopt_window=adopt_window,
             lost_after=lost_after,
             workers=workers,
             **options,

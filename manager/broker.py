@@ -21,8 +21,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from manager.config import ManagerConfig
 from manager.store import Store
 from messages import names
-from messages.client import redact_url as redact
-from messages.models import ControlOrder, HeartbeatReply, Reply
+from messages.brokers import connection_parameters, redact_url as redact
+from messages.models import ControlOrder, ErrorCode, ErrorInfo, HeartbeatReply, Reply
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,24 @@ newer one or is gone. A constant, because a queue cannot be declared again
 with another TTL, so a value derived from the heartbeat interval would
 break a manager restarted with a new interval."""
 
+DELIVERY_LIMIT = 5
+"""Redeliveries after which the broker dead-letters a command by itself; the
+manager rejects one on its MAX_DELIVERIES-th delivery already, with a reply."""
+
+MAX_DELIVERIES = 3
+"""Deliveries of one command the manager attempts. A command still not done
+after that has crashed the manager each time, so it gets an error reply."""
+
 SHUTDOWN_TIMEOUT = 30.0
 """Seconds a stopping manager waits for commands in progress to reply."""
 
 
 class BrokerError(Exception):
     """The broker cannot be used; the message names the cause and what to check."""
+
+
+class ConsumerCancelled(Exception):
+    """The broker cancelled one of the manager's consumers."""
 
 
 class OrderUndeliverable(Exception):
@@ -131,7 +143,7 @@ class Broker:
                 return
             try:
                 self._loop(stopping)
-            except pika.exceptions.AMQPError as exc:
+            except (pika.exceptions.AMQPError, ConsumerCancelled) as exc:
                 log.warning("broker connection lost (%r); reconnecting", exc)
             finally:
                 self.connected.clear()
@@ -146,7 +158,7 @@ class Broker:
         url = self.config.amqp_url
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
-            wait=wait_exponential_jitter(initial=0.5, max=8.0),
+            wait=wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5),
             stop=stop_after_delay(self.connect_timeout),
             before_sleep=lambda state: log.warning(
                 "cannot reach broker %s (%r); retry %d in %.1f s",
@@ -171,13 +183,20 @@ class Broker:
             raise BrokerError(
                 f"broker {redact(url)} unreachable for {self.connect_timeout:.0f} s: {exc!r}"
             ) from exc
+        except pika.exceptions.AMQPChannelError as exc:
+            raise BrokerError(
+                f"declaring berth's exchanges and queues at {redact(url)} failed: {exc!r}."
+                " An exchange or queue of the same name exists with other arguments;"
+                " delete it (rabbitmqctl delete_queue NAME) and start again"
+            ) from exc
 
     def _open(self) -> None:
-        parameters = pika.URLParameters(self.config.amqp_url)
-        parameters.connection_attempts = 1
-        # A broker resource alarm blocks publishing; past this many seconds
-        # pika drops the connection instead of hanging, and we reconnect.
-        parameters.blocked_connection_timeout = 10.0
+        # A broker resource alarm blocks publishing; past
+        # blocked_connection_timeout seconds pika drops the connection
+        # instead of hanging, and the manager reconnects.
+        parameters = connection_parameters(
+            self.config.amqp_url, connection_attempts=1, blocked_connection_timeout=10.0
+        )
         connection = pika.BlockingConnection(parameters)
         self._declare(connection)
         self._connection = connection
@@ -200,10 +219,17 @@ class Broker:
         setup.queue_declare(names.DEAD_LETTER_QUEUE, durable=True)
         setup.queue_bind(names.DEAD_LETTER_QUEUE, names.DEAD_LETTER_EXCHANGE)
         command_queue = names.command_queue(manager_id)
+        # A quorum queue survives the loss of a cluster node, and counts
+        # deliveries: a command whose handling crashed the manager again
+        # and again is dead-lettered by the broker at the limit.
         setup.queue_declare(
             command_queue,
             durable=True,
-            arguments={"x-dead-letter-exchange": names.DEAD_LETTER_EXCHANGE},
+            arguments={
+                "x-queue-type": "quorum",
+                "x-dead-letter-exchange": names.DEAD_LETTER_EXCHANGE,
+                "x-delivery-limit": DELIVERY_LIMIT,
+            },
         )
         setup.queue_bind(command_queue, names.COMMAND_EXCHANGE, routing_key=manager_id)
         setup.queue_declare(
@@ -224,6 +250,22 @@ class Broker:
         self._confirmed = connection.channel()
         self._confirmed.confirm_delivery()
 
+        # The broker cancels a consumer when its queue is deleted, or on a
+        # delivery acknowledgement timeout. A silent stall would follow, so
+        # the manager reconnects and declares everything again.
+        self._cancelled: str | None = None
+        for channel, queue in (
+            (self._commands, command_queue),
+            (self._heartbeats, names.heartbeat_queue(manager_id)),
+        ):
+            channel.add_on_cancel_callback(
+                lambda frame, queue=queue: self._on_consumer_cancelled(queue)
+            )
+
+    def _on_consumer_cancelled(self, queue: str) -> None:
+        log.error("the broker cancelled the consumer of %s; reconnecting", queue)
+        self._cancelled = queue
+
     def _loop(self, stopping: threading.Event) -> None:
         assert self._connection is not None
         while not stopping.is_set():
@@ -233,6 +275,8 @@ class Broker:
     def _step(self) -> None:
         assert self._connection is not None
         self._connection.process_data_events(time_limit=LOOP_TICK)
+        if self._cancelled is not None:
+            raise ConsumerCancelled(f"consumer of {self._cancelled} cancelled by the broker")
         self.periodic()
         if self._outbox_dirty:
             self._publish_outbox()
@@ -253,7 +297,27 @@ class Broker:
             )
 
     def _on_command_delivery(self, channel, method, properties, body: bytes) -> None:
+        deliveries = 1 + int((properties.headers or {}).get("x-delivery-count", 0))
+        if deliveries >= MAX_DELIVERIES:
+            self._reject_poison(properties, method.delivery_tag, deliveries)
+            return
         self.on_command(body, properties, method.delivery_tag, self.generation)
+
+    def _reject_poison(self, properties: pika.BasicProperties, delivery_tag: int, deliveries: int) -> None:
+        log.error(
+            "command with correlation id %s delivered %d times without completing;"
+            " dead-lettering it",
+            properties.correlation_id,
+            deliveries,
+        )
+        error = ErrorInfo(
+            code=ErrorCode.INTERNAL,
+            message=f"the command was delivered {deliveries} times and the manager"
+            " stopped while handling it each time; it was moved to the dead-letter"
+            f" queue {names.DEAD_LETTER_QUEUE}",
+        )
+        self.reply(properties, Reply(request_id=properties.correlation_id, ok=False, error=error))
+        self.settle(delivery_tag, self.generation, accept=False)
 
     def _on_heartbeat_delivery(self, channel, method, properties, body: bytes) -> None:
         reply = self.on_heartbeat(body)
@@ -284,12 +348,16 @@ class Broker:
 
     def reply(self, properties: pika.BasicProperties, reply: Reply) -> None:
         """Send a command's reply; serving thread only."""
+        self.reply_json(properties, reply.model_dump_json())
+
+    def reply_json(self, properties: pika.BasicProperties, reply_json: str) -> None:
+        """Send a reply already serialized; serving thread only."""
         if not properties.reply_to:
             return
         self._commands.basic_publish(
             "",
             properties.reply_to,
-            reply.model_dump_json().encode(),
+            reply_json.encode(),
             pika.BasicProperties(
                 content_type="application/json", correlation_id=properties.correlation_id
             ),

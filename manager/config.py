@@ -27,6 +27,10 @@ class ManagerConfig:
     workload. Long enough to ride out a manager restart, short enough that
     a dead host's workloads end within a minute."""
 
+    adopt_window: float = 5.0
+    """Seconds after start during which an unknown container id gets
+    retry_later instead of nack. Keep it below the heartbeat timeout."""
+
     lost_after: float = 5.0
     """Seconds without a heartbeat after which a container becomes lost."""
 

@@ -34,6 +34,9 @@ from messages.models import (
 
 log = logging.getLogger(__name__)
 
+MUTATING_COMMANDS = frozenset({"create", "run", "start", "stop", "kill", "delete"})
+"""Commands whose replies are stored, so that a repeat of one never runs twice."""
+
 CHECK_INTERVAL = 0.5
 """Seconds between checks for ended assistants and silent containers."""
 
@@ -59,8 +62,14 @@ class Manager:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             config.workers, thread_name_prefix="command"
         )
+        self.epoch = self.store.next_epoch()
+        self.started = time.monotonic()
         self.stopping = threading.Event()
         self._futures: set[concurrent.futures.Future] = set()
+        # Mutating commands in progress by request id, and the deliveries of
+        # the same request that arrived meanwhile; serving thread only.
+        self._in_progress: dict[str, concurrent.futures.Future] = {}
+        self._duplicates: dict[str, list[tuple[pika.BasicProperties, int, int]]] = {}
         self._checking: set[str] = set()
         self._checking_lock = threading.Lock()
         self._next_check = 0.0
@@ -70,11 +79,17 @@ class Manager:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         log.info(
-            "manager %s starting with %d known containers (%d active)",
+            "manager %s starting, epoch %d, with %d known containers (%d active)",
             self.config.manager_id,
+            self.epoch,
             len(self.registry.records),
             len(self.registry.active()),
         )
+        pruned = self.store.prune_replies()
+        if pruned:
+            log.info("forgot %d stored replies older than the retention time", pruned)
+        self.handlers.sweep_orphans()
+        self.started = time.monotonic()
         try:
             self.broker.serve(self.stopping)
         except BrokerError as exc:
@@ -119,23 +134,65 @@ class Manager:
         if "request_id" not in command.model_fields_set and properties.correlation_id:
             # A client that sets only correlation_id still gets its id back.
             command.request_id = properties.correlation_id
-        log.debug("command %s %s (request %s)", command.command, getattr(command, "id", ""), command.request_id)
-        future = self.executor.submit(self.handlers.handle, command)
+        request_id = command.request_id
+        log.debug("command %s %s (request %s)", command.command, getattr(command, "id", ""), request_id)
+        mutating = command.command in MUTATING_COMMANDS
+        if mutating and self._answer_duplicate(request_id, properties, delivery_tag, generation):
+            return
+
+        future = self.executor.submit(self._handle, command, mutating)
         self._futures.add(future)
+        if mutating:
+            self._in_progress[request_id] = future
 
         def finish(done: concurrent.futures.Future) -> None:
-            reply: Reply = done.result()
+            reply_json: str = done.result()
             self.broker.submit(
-                functools.partial(self._send_result, reply, properties, delivery_tag, generation)
+                functools.partial(
+                    self._send_result, request_id, reply_json, properties, delivery_tag, generation
+                )
             )
 
         future.add_done_callback(finish)
 
-    def _send_result(self, reply: Reply, properties, delivery_tag: int, generation: int) -> None:
-        # The reply goes out before the ack: a crash between the two makes
-        # the broker redeliver the command, never lose its reply.
-        self.broker.reply(properties, reply)
+    def _answer_duplicate(
+        self, request_id: str, properties: pika.BasicProperties, delivery_tag: int, generation: int
+    ) -> bool:
+        """Answer a request id seen before from its stored reply; False if new.
+
+        A redelivery after a crash or reconnect, or a client's retry, must
+        not run the command again, and gets the reply of the first run.
+        """
+        running = self._in_progress.get(request_id)
+        if running is not None and not running.done():
+            log.info("request %s is running already; its reply will answer this copy too", request_id)
+            self._duplicates.setdefault(request_id, []).append((properties, delivery_tag, generation))
+            return True
+        stored = self.store.find_reply(request_id)
+        if stored is None:
+            return False
+        log.info("request %s was handled before; sending its stored reply again", request_id)
+        self.broker.reply_json(properties, stored)
         self.broker.settle(delivery_tag, generation, accept=True)
+        return True
+
+    def _handle(self, command, mutating: bool) -> str:
+        """Run a command on a worker thread; store a mutating command's reply."""
+        reply_json = self.handlers.handle(command).model_dump_json()
+        if mutating:
+            self.store.save_reply(command.request_id, reply_json)
+        return reply_json
+
+    def _send_result(
+        self, request_id: str, reply_json: str, properties, delivery_tag: int, generation: int
+    ) -> None:
+        # The reply goes out before the ack: a crash between the two makes
+        # the broker redeliver the command, which then gets the stored reply.
+        self._in_progress.pop(request_id, None)
+        deliveries = [(properties, delivery_tag, generation)] + self._duplicates.pop(request_id, [])
+        for each_properties, each_tag, each_generation in deliveries:
+            self.broker.reply_json(each_properties, reply_json)
+            self.broker.settle(each_tag, each_generation, accept=True)
 
     def on_heartbeat(self, body: bytes) -> HeartbeatReply | None:
         try:
@@ -143,7 +200,8 @@ class Manager:
         except ValidationError as exc:
             log.warning("invalid heartbeat %r ignored: %s", body[:200], exc)
             return None
-        return answer_heartbeat(self.registry, beat)
+        adopting = time.monotonic() - self.started < self.config.adopt_window
+        return answer_heartbeat(self.registry, beat, self.epoch, adopting)
 
     def periodic(self) -> None:
         now = time.monotonic()

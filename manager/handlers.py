@@ -6,6 +6,7 @@ on one container run one at a time, in arrival order per worker.
 """
 
 import logging
+import os
 import shutil
 
 from assistant.config import AssistantConfig, ContainerPaths
@@ -39,6 +40,10 @@ from messages.models import (
 )
 
 log = logging.getLogger(__name__)
+
+CRASH_HOOK = "BERTH_CRASH_ON_CREATE"
+"""Fault injection for tests: a create of the container id in this
+environment variable ends the manager process at once, as a crash would."""
 
 START_TIMEOUT = 30.0
 """Seconds a start waits for the assistant to report the workload running."""
@@ -123,6 +128,9 @@ class Handlers:
 
     def _create(self, spec: CreateSpec) -> None:
         container_id = spec.id
+        if os.environ.get(CRASH_HOOK) == container_id:
+            log.error("container %s: %s is set; exiting at once", container_id, CRASH_HOOK)
+            os._exit(70)
         existing = self.registry.get(container_id)
         if existing is not None and existing.info.state != ContainerState.DELETED:
             raise CommandError(
@@ -288,6 +296,10 @@ class Handlers:
         return self._ok(command, command.id)
 
     def do_delete(self, command) -> Reply:
+        record = self.registry.get(command.id)
+        if record is not None and record.info.state == ContainerState.DELETED:
+            # Deleting twice succeeds, so a client may retry a delete freely.
+            return Reply(request_id=command.request_id, ok=True, container=record.info)
         record = self._require(command.id)
         state = record.info.state
         if state in (ContainerState.STARTING, ContainerState.RUNNING, ContainerState.STOPPING) and not command.force:
@@ -353,6 +365,39 @@ class Handlers:
             self.runc.delete(container_id)
         except RuncError as exc:
             log.warning("container %s: runc delete failed: %s", container_id, exc)
+
+    def sweep_orphans(self) -> None:
+        """Remove runc containers and directories that no known container owns.
+
+        Runs once at start, before any command: what is left from a crash
+        in the middle of a create, or from a lost state database.
+        """
+        active = {record.info.id for record in self.registry.active()}
+        try:
+            runc_ids = self.runc.list_ids()
+        except RuncError as exc:
+            log.error("cannot list runc containers under %s: %s", self.runc.root, exc)
+            runc_ids = []
+        for container_id in runc_ids:
+            if container_id in active:
+                continue
+            log.warning("container %s: removing an orphan runc container", container_id)
+            self.force_runc_cleanup(container_id)
+            self.registry.announce(
+                container_id,
+                "orphan_removed",
+                ContainerState.DELETED,
+                "runc container unknown to the manager's state was killed and removed",
+            )
+
+        if not self.config.containers_dir.exists():
+            return
+        for directory in self.config.containers_dir.iterdir():
+            record = self.registry.get(directory.name)
+            if record is not None and record.info.state != ContainerState.DELETED:
+                continue
+            log.warning("removing orphan container directory %s", directory)
+            self._remove_dir(ContainerPaths(directory))
 
     def _remove_dir(self, paths: ContainerPaths) -> None:
         try:

@@ -19,11 +19,21 @@ from messages.models import (
 
 log = logging.getLogger(__name__)
 
-ACK = HeartbeatReply(verdict=Verdict.ACK)
-NACK = HeartbeatReply(verdict=Verdict.NACK)
+def answer_heartbeat(
+    registry: Registry, beat: Heartbeat, epoch: int, adopting: bool
+) -> HeartbeatReply:
+    """Return the reply to one heartbeat, applying the status it reports.
+
+    While ``adopting`` (the first seconds after a manager start), an
+    unknown id gets retry_later instead of nack, so that an assistant is
+    never killed by a manager that has not caught up yet.
+    """
+    reply = _answer(registry, beat, adopting)
+    reply.epoch = epoch
+    return reply
 
 
-def answer_heartbeat(registry: Registry, beat: Heartbeat) -> HeartbeatReply:
+def _answer(registry: Registry, beat: Heartbeat, adopting: bool) -> HeartbeatReply:
     container_id = beat.container_id
     with registry.lock:
         pending = registry.pending.get(container_id)
@@ -39,19 +49,26 @@ def answer_heartbeat(registry: Registry, beat: Heartbeat) -> HeartbeatReply:
 
         record = registry.get(container_id)
         if record is None or record.info.state == ContainerState.DELETED:
+            verdict = Verdict.RETRY_LATER if adopting else Verdict.NACK
             log.warning(
-                "heartbeat from unknown container %s (assistant %d): nack",
+                "heartbeat from unknown container %s (assistant %d): %s",
                 container_id,
                 beat.assistant_pid,
+                verdict.value,
             )
-            return NACK
+            return HeartbeatReply(verdict=verdict)
         registry.note_heartbeat(container_id)
 
         try:
             return _apply_status(registry, beat, record.info.state, record.stop_grace)
         except IllegalTransition as exc:
-            log.error("container %s: heartbeat status %s ignored: %s", container_id, beat.status.value, exc)
-            return ACK
+            log.error(
+                "container %s: heartbeat status %s ignored: %s",
+                container_id,
+                beat.status.value,
+                exc,
+            )
+            return HeartbeatReply(verdict=Verdict.ACK)
 
 
 def _apply_status(
@@ -81,4 +98,4 @@ def _apply_status(
 
     if stop_grace is not None:
         return HeartbeatReply(verdict=Verdict.STOP, grace=stop_grace)
-    return ACK
+    return HeartbeatReply(verdict=Verdict.ACK)

@@ -97,6 +97,28 @@ class Registry:
             self._commit(record, new, exit, message)
             return record
 
+    def announce(self, container_id: str, event_name: str, state: ContainerState, message: str) -> None:
+        """Publish an event that is not a transition, such as an orphan's removal."""
+        with self.lock:
+            record = self.records.get(container_id)
+            sequence = record.sequence + 1 if record else 1
+            event = Event(
+                manager_id=self.manager_id,
+                container_id=container_id,
+                sequence=sequence,
+                event=event_name,
+                state=state,
+                message=message,
+            )
+            key = event_routing_key(self.manager_id, container_id, event_name)
+            if record is not None:
+                record.sequence = sequence
+                self.store.save(record, event, key)
+            else:
+                self.store.save_event(event, key)
+        log.info("container %s: %s: %s", container_id, event_name, message)
+        self.on_event()
+
     def update(self, record: ContainerRecord) -> None:
         """Persist a change that is not a state transition (no event)."""
         with self.lock:

@@ -8,6 +8,7 @@ stored, and a stored change always has its event waiting in the outbox.
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -26,7 +27,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     routing_key TEXT NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replies (
+    request_id TEXT PRIMARY KEY,
+    reply TEXT NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+REPLY_RETENTION = 7 * 24 * 3600.0
+"""Seconds a command's reply is kept for redeliveries and client retries."""
 
 
 class ContainerRecord(BaseModel):
@@ -78,6 +91,49 @@ class Store:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def next_epoch(self) -> int:
+        """Count this manager run: return one more than the previous run's epoch."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            epoch = int(row[0]) + 1 if row else 1
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(epoch),)
+            )
+            self._db.execute("COMMIT")
+        return epoch
+
+    def save_event(self, event: Event, routing_key: str) -> None:
+        """Queue an event that changes no container record."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO outbox (routing_key, body) VALUES (?, ?)",
+                (routing_key, event.model_dump_json()),
+            )
+
+    def find_reply(self, request_id: str) -> str | None:
+        """Return the stored reply JSON of a request id already handled."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT reply FROM replies WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def save_reply(self, request_id: str, reply_json: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO replies (request_id, reply, stored_at) VALUES (?, ?, ?)",
+                (request_id, reply_json, time.time()),
+            )
+
+    def prune_replies(self) -> int:
+        """Forget replies older than REPLY_RETENTION; return how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM replies WHERE stored_at < ?", (time.time() - REPLY_RETENTION,)
+            )
+        return cursor.rowcount
 
     def pending_events(self, limit: int = 100) -> list[tuple[int, str, str]]:
         """Return up to ``limit`` unpublished events as (position, key, body)."""

@@ -23,8 +23,16 @@ from typing import Any
 import pika
 import pika.exceptions
 from pydantic import TypeAdapter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from messages import names
+from messages.brokers import connection_parameters, redact_url
 from messages.models import Command, ErrorCode, Event, Reply, command_adapter
 
 log = logging.getLogger(__name__)
@@ -61,21 +69,57 @@ def default_manager_id() -> str:
     return socket.gethostname().split(".")[0]
 
 
+RECONNECT_TIMEOUT = 30.0
+"""Seconds a command keeps retrying a lost broker connection before failing."""
+
+
+def _reconnectable(exc: BaseException) -> bool:
+    # Wrong credentials stay wrong: fail at once instead of retrying.
+    return isinstance(
+        exc,
+        (
+            pika.exceptions.AMQPConnectionError,
+            pika.exceptions.ConnectionWrongStateError,
+            pika.exceptions.ChannelWrongStateError,
+        ),
+    ) and not isinstance(
+        exc,
+        (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ),
+    )
+
+
 class Client:
-    def __init__(self, url: str, manager_id: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        url: str,
+        manager_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
+    ):
+        """Connect to the broker at ``url`` (several comma-separated URLs fail over)."""
+        self.url = url
         self.manager_id = manager_id or default_manager_id()
         self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
+        self._replies: dict[str, bytes] = {}
         try:
-            self._connection = pika.BlockingConnection(pika.URLParameters(url))
+            self._connect()
         except pika.exceptions.AMQPConnectionError as exc:
-            raise BrokerUnavailable(f"cannot connect to the broker at {redact_url(url)}: {exc!r}") from exc
+            raise BrokerUnavailable(
+                f"cannot connect to the broker at {redact_url(url)}: {exc!r}"
+            ) from exc
+
+    def _connect(self) -> None:
+        self._connection = pika.BlockingConnection(connection_parameters(self.url))
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
         # Declared here too (same arguments as the manager), so a command
         # sent before any manager ever ran fails with NoManager, not a 404.
         self._channel.exchange_declare(names.COMMAND_EXCHANGE, "direct", durable=True)
         self._channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-        self._replies: dict[str, bytes] = {}
 
     def __enter__(self) -> "Client":
         return self
@@ -102,8 +146,44 @@ class Client:
         return self.send_raw(body, command.request_id, manager_id, wait)
 
     def send_raw(self, body: bytes, correlation_id: str, manager_id: str | None = None, timeout: float | None = None) -> Reply:
-        """Publish ``body`` as is (tests use it for malformed input) and wait for the reply."""
+        """Publish ``body`` as is (tests use it for malformed input) and wait for the reply.
+
+        A connection lost on the way is opened again and the same body sent
+        again, with backoff, for up to ``reconnect_timeout`` seconds. The
+        manager keeps the reply of every state-changing request id, so a
+        repeated command does not run twice.
+        """
         target = manager_id or self.manager_id
+        retrying = Retrying(
+            retry=retry_if_exception(_reconnectable),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
+            stop=stop_after_delay(self.reconnect_timeout),
+            before_sleep=self._reconnect_before_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._publish_and_wait, body, correlation_id, target, timeout)
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"sending to manager {target!r} failed: {exc!r}") from exc
+
+    def _reconnect_before_retry(self, state: RetryCallState) -> None:
+        log.warning(
+            "broker connection lost (%r); reconnecting, retry %d in %.1f s",
+            state.outcome.exception(),
+            state.attempt_number,
+            state.next_action.sleep,
+        )
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except pika.exceptions.AMQPError:
+            pass
+        try:
+            self._connect()
+        except pika.exceptions.AMQPConnectionError as exc:
+            log.warning("reconnecting to %s failed: %r", redact_url(self.url), exc)
+
+    def _publish_and_wait(self, body: bytes, correlation_id: str, target: str, timeout: float | None) -> Reply:
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=2,
@@ -119,8 +199,6 @@ class Client:
                 f"no manager serves id {target!r}: start one with --id {target}"
                 " or send to another id"
             ) from None
-        except pika.exceptions.AMQPError as exc:
-            raise BrokerUnavailable(f"publishing to manager {target!r} failed: {exc!r}") from exc
         return Reply.model_validate_json(self._wait_reply(correlation_id, target, timeout or self.timeout))
 
     def _wait_reply(self, correlation_id: str, target: str, timeout: float) -> bytes:
@@ -193,8 +271,3 @@ class Subscription:
         if self._channel.is_open:
             self._channel.close()
 
-
-def redact_url(url: str) -> str:
-    """Hide the password of an AMQP URL for logs and errors."""
-    parameters = pika.URLParameters(url)
-    return f"amqp://{parameters.credentials.username}:***@{parameters.host}:{parameters.port}"

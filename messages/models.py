@@ -322,11 +322,18 @@ class Verdict(str, enum.Enum):
     ACK = "ack"  # keep going
     NACK = "nack"  # the manager does not know this container: kill and exit
     STOP = "stop"  # SIGTERM, then SIGKILL after the grace period
+    RETRY_LATER = "retry_later"  # a restarted manager does not know the id yet
 
 
 class HeartbeatReply(Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     verdict: Verdict
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        description="the manager run that sent it; assistants ignore nack and"
+        " stop from a run older than one they heard from",
+    )
     grace: float | None = None
     exit_recorded: bool = Field(
         default=False, description="the manager stored the exit it was sent"

@@ -27,6 +27,8 @@ class ManagerProcess:
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 10.0,
         lost_after: float = 3.0,
+        adopt_window: float = 0.0,
+        environment: dict[str, str] | None = None,
     ):
         self.amqp_url = amqp_url
         self.manager_id = manager_id
@@ -37,6 +39,8 @@ class ManagerProcess:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.lost_after = lost_after
+        self.adopt_window = adopt_window
+        self.environment = environment or {}
         self.process: subprocess.Popen | None = None
 
     @property
@@ -47,7 +51,8 @@ class ManagerProcess:
     def runc(self) -> Runc:
         return Runc("runc", self.runc_root / self.manager_id)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def launch(self) -> subprocess.Popen:
+        """Start the manager process without waiting until it serves."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable,
@@ -67,13 +72,24 @@ class ManagerProcess:
             str(self.heartbeat_timeout),
             "--lost-after",
             str(self.lost_after),
+            "--adopt-window",
+            str(self.adopt_window),
             "--log-level",
             "DEBUG",
         ]
         with open(self.log_path, "ab") as output:
             self.process = subprocess.Popen(
-                command, cwd=PROJECT_ROOT, stdout=output, stderr=output, stdin=subprocess.DEVNULL
+                command,
+                cwd=PROJECT_ROOT,
+                stdout=output,
+                stderr=output,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.environment},
             )
+        return self.process
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.launch()
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:

@@ -1,0 +1,36 @@
+"""Broker URLs: one or several, for failover between cluster nodes.
+
+Every party accepts a comma-separated list of AMQP URLs. pika's
+BlockingConnection takes a list of parameters and tries them in order,
+so a connection goes to the first node that answers.
+"""
+
+import pika
+
+
+def split_urls(urls: str) -> list[str]:
+    parts = [part.strip() for part in urls.split(",")]
+    found = [part for part in parts if part]
+    if not found:
+        raise ValueError(f"no broker URL in {urls!r}: give amqp://user:password@host:port/vhost")
+    return found
+
+
+def connection_parameters(urls: str, **settings: object) -> list[pika.URLParameters]:
+    """Build pika parameters for each URL, with the same ``settings`` applied."""
+    result = []
+    for url in split_urls(urls):
+        parameters = pika.URLParameters(url)
+        for name, value in settings.items():
+            setattr(parameters, name, value)
+        result.append(parameters)
+    return result
+
+
+def redact_url(urls: str) -> str:
+    """Hide the passwords of one or several AMQP URLs for logs and errors."""
+    shown = []
+    for url in split_urls(urls):
+        parameters = pika.URLParameters(url)
+        shown.append(f"amqp://{parameters.credentials.username}:***@{parameters.host}:{parameters.port}")
+    return ",".join(shown)
