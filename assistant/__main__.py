@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         return supervisor.run()
     except AssistantExit as exc:
         log.error("container %s: %s", config.container_id, exc)
-    except Exception:
+    except BaseException:  # KeyboardInterrupt included: never leave the workload behind
         log.exception("container %s: assistant failed", config.container_id)
     # Never leave the workload running without a supervisor.
     supervisor.kill_workload_now()

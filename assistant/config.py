@@ -4,6 +4,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from messages.models import PortMapping
+
 CONFIG_NAME = "assistant.json"
 
 
@@ -14,6 +16,7 @@ class AssistantConfig(BaseModel):
 
     manager_id: str
     container_id: str
+    token: str = Field(description="this assistant's id, new for every assistant started")
     container_dir: Path
     amqp_url: str
     runc_binary: str = "runc"
@@ -36,6 +39,10 @@ class AssistantConfig(BaseModel):
     )
     log_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     log_max_files: int = Field(default=3, ge=1)
+    container_address: str | None = Field(
+        default=None, description="the container's address on the bridge; published ports connect to it"
+    )
+    ports: list[PortMapping] = Field(default_factory=list)
 
     def reconnect_cap(self) -> float:
         """Longest wait between reconnect attempts.

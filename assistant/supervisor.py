@@ -35,6 +35,7 @@ from tenacity import (
 from assistant.cgroups import oom_kill_count
 from assistant.config import AssistantConfig, ContainerPaths
 from assistant.logfile import RotatingLog, drain
+from assistant.ports import PortForwarders
 from assistant.reaper import InitWatcher, become_subreaper, decode_status
 from assistant.runtime import Runc, RuncError
 from messages import names
@@ -95,14 +96,19 @@ class Supervisor:
         self.channel = None
         self._exits: queue.SimpleQueue[ExitInfo] = queue.SimpleQueue()
         self._stop_timer: threading.Timer | None = None
+        self._stop_deadline = 0.0
         self._threads: list[threading.Thread] = []
         self._terminate_requested = False
+        self.ports = PortForwarders(self.id, config.container_address, config.ports)
 
     # --- lifecycle --------------------------------------------------------
 
     def run(self) -> int:
         log.info("assistant %d starting for container %s", os.getpid(), self.id)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Any of these stops the workload with a grace period and reports
+        # the exit, so no signal to the assistant leaves a workload behind.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_terminate_signal)
         become_subreaper()
         self.connect(budget=max(self.config.heartbeat_timeout, 10.0))
         self.create_workload()
@@ -145,7 +151,7 @@ class Supervisor:
     def is_alive(self) -> bool:
         return self.status in (AssistantStatus.CREATED, AssistantStatus.RUNNING)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_terminate_signal(self, signum, frame) -> None:
         self._terminate_requested = True
 
     def _shutdown(self) -> None:
@@ -175,6 +181,7 @@ class Supervisor:
             self._threads.append(thread)
 
         try:
+            self.ports.open()  # an OSError for a taken port fails the create
             self.pid = self.runc.create(
                 self.id, self.paths.bundle, self.paths.init_pid, stdout_write, stderr_write
             )
@@ -184,6 +191,7 @@ class Supervisor:
             self.exited_at = time.monotonic()
             log.error("container %s: create failed: %s", self.id, exc)
             self._delete_runc_state()
+            self.ports.close()
             return
         finally:
             # The workload has its own copies now; the drains see EOF once
@@ -193,7 +201,9 @@ class Supervisor:
 
         self.status = AssistantStatus.CREATED
         log.info("container %s created, init pid %d", self.id, self.pid)
-        watcher = threading.Thread(target=self._watch, args=(InitWatcher(self.pid),), name="watch")
+        watcher = threading.Thread(
+            target=self._watch, args=(InitWatcher(self.pid),), name="watch", daemon=True
+        )
         watcher.start()
         self._threads.append(watcher)
 
@@ -213,16 +223,30 @@ class Supervisor:
         self.send_heartbeat()
 
     def stop_workload(self, grace: float) -> None:
-        """Send SIGTERM, and SIGKILL to every process after ``grace`` seconds."""
-        if not self.is_alive() or self._stop_timer is not None:
-            return  # a stop in progress is not restarted by a repeated order
+        """Send SIGTERM, and SIGKILL to every process after ``grace`` seconds.
+
+        A repeated stop sends no second SIGTERM; it only moves the SIGKILL
+        earlier when its grace ends sooner than the running one.
+        """
+        if not self.is_alive():
+            return
+        deadline = time.monotonic() + grace
+        if self._stop_timer is not None:
+            if deadline < self._stop_deadline:
+                self._stop_timer.cancel()
+                self._start_kill_timer(grace, deadline)
+            return
         self.ending_reason = ExitReason.STOPPED
         if self.status == AssistantStatus.CREATED:
             self.kill_workload(ExitReason.STOPPED)
             return
         log.info("container %s: stopping with a grace of %.1f s", self.id, grace)
         self._runc_kill("SIGTERM", all_processes=False)
-        self._stop_timer = threading.Timer(grace, self._runc_kill, args=("SIGKILL", True))
+        self._start_kill_timer(grace, deadline)
+
+    def _start_kill_timer(self, delay: float, deadline: float) -> None:
+        self._stop_deadline = deadline
+        self._stop_timer = threading.Timer(delay, self._runc_kill, args=("SIGKILL", True))
         self._stop_timer.daemon = True
         self._stop_timer.start()
 
@@ -249,11 +273,33 @@ class Supervisor:
     def _runc_kill(self, signal_name: str, all_processes: bool) -> None:
         if self.exit is not None:
             return
+        state = self._runc_state()
+        if state is None or state.get("pid") != self.pid:
+            # runc no longer knows this container, or the id now names the
+            # container of a newer create: signal only our own init, which
+            # is our child, so its pid cannot have been reused.
+            log.warning(
+                "container %s: runc does not own init %s any more; signalling it directly",
+                self.id, self.pid,
+            )
+            if self.pid is not None:
+                try:
+                    os.kill(self.pid, signal.Signals[signal_name])
+                except ProcessLookupError:
+                    pass
+            return
         try:
             self.runc.kill(self.id, signal_name, all_processes=all_processes)
         except RuncError as exc:
             # The init may have exited between the check and the call.
             log.info("container %s: runc kill %s: %s", self.id, signal_name, exc.text)
+
+    def _runc_state(self) -> dict | None:
+        try:
+            return self.runc.state(self.id)
+        except RuncError as exc:
+            log.info("container %s: runc state: %s", self.id, exc.text)
+            return None
 
     def _delete_runc_state(self) -> None:
         try:
@@ -274,7 +320,10 @@ class Supervisor:
         cgroups_path = self._cgroups_path()
         oom_kills = oom_kill_count(cgroups_path) if cgroups_path else None
         oom = bool(oom_kills)
-        reason = ExitReason.OOM if oom else (self.ending_reason or ExitReason.EXITED)
+        # The OOM killer sends SIGKILL. A container that lost only a child
+        # to it and then ended otherwise keeps the flag, not the reason.
+        killed_by_oom = oom and exit_code == 128 + signal.SIGKILL and self.ending_reason is None
+        reason = ExitReason.OOM if killed_by_oom else (self.ending_reason or ExitReason.EXITED)
         self._delete_runc_state()
 
         record = ExitInfo(exit_code=exit_code, signal=signal_name, oom_killed=oom, reason=reason)
@@ -311,6 +360,7 @@ class Supervisor:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
         self.exit = record
+        self.ports.close()
         self.status = AssistantStatus.EXITED
         self.exited_at = time.monotonic()
         self.send_heartbeat()
@@ -362,7 +412,7 @@ class Supervisor:
         channel = connection.channel()
         channel.confirm_delivery()
         channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-        control = names.control_queue(self.config.manager_id, self.id)
+        control = names.control_queue(self.config.manager_id, self.id, self.config.token)
         channel.queue_declare(control, exclusive=True, auto_delete=True)
         channel.basic_consume(control, self._on_control, auto_ack=True)
         self.connection, self.channel = connection, channel
@@ -397,6 +447,7 @@ class Supervisor:
         beat = Heartbeat(
             container_id=self.id,
             assistant_pid=os.getpid(),
+            token=self.config.token,
             status=self.status,
             pid=self.pid,
             exit=self.exit,

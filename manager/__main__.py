@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import click
@@ -23,21 +24,24 @@ from manager.daemon import Manager
 @click.option("--runc", "runc_binary", default="runc", help="OCI runtime binary.")
 @click.option("--runc-root", type=click.Path(path_type=Path), default=Path("/run/berth/runc"), help="runc state directory (a tmpfs).")
 @click.option("--init-binary", default="/usr/bin/tini-static", help="Static init run as each container's pid 1 unless a create sets init false.")
-@click.option("--heartbeat-interval", type=float, default=1.0, help="Seconds between assistant heartbeats.")
-@click.option("--heartbeat-timeout", type=float, default=30.0, help="Default seconds without a reply before an assistant kills its workload; 0: never.")
-@click.option("--adopt-window", type=float, default=5.0, help="Seconds after start during which heartbeats of unknown containers get retry_later instead of nack.")
-@click.option("--lost-after", type=float, default=5.0, help="Seconds without a heartbeat before a container is lost.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.01, max=3600), default=1.0, help="Seconds between assistant heartbeats.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0, max=365 * 24 * 3600), default=30.0, help="Default seconds without a reply before an assistant kills its workload; 0: never.")
+@click.option("--adopt-window", type=click.FloatRange(min=0, max=3600), default=5.0, help="Seconds after start during which heartbeats of unknown containers get retry_later instead of nack.")
+@click.option("--lost-after", type=click.FloatRange(min=0.1, max=3600), default=5.0, help="Seconds without a heartbeat before a container is lost.")
 @click.option("--workers", type=click.IntRange(1, 256), default=8, help="Threads handling commands.")
-@click.option("--connect-timeout", type=float, default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
+@click.option("--network-subnet", help="IPv4 subnet of the container bridge, e.g. 10.213.7.0/24; default: a free /24 of 10.213.0.0/16.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, heartbeat_interval,
-         heartbeat_timeout, adopt_window, lost_after, workers, connect_timeout, log_level) -> None:
+         heartbeat_timeout, adopt_window, lost_after, workers, connect_timeout, network_subnet,
+         log_level) -> None:
     """Run the berth manager for this host until SIGTERM or SIGINT."""
     logging.basicConfig(
         level=log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # DEBUG logs every netlink message
     options = {"manager_id": manager_id} if manager_id else {}
     try:
         config = ManagerConfig(
@@ -51,12 +55,26 @@ def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, h
             adopt_window=adopt_window,
             lost_after=lost_after,
             workers=workers,
+            network_subnet=network_subnet,
             **options,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if os.geteuid() != 0:
         raise click.UsageError("the manager must run as root: runc needs it to create containers")
+    if shutil.which(runc_binary) is None:
+        raise click.UsageError(
+            f"OCI runtime {runc_binary!r} not found: install runc (apt-get install runc)"
+            " or give its path with --runc"
+        )
+    try:
+        config.containers_dir.mkdir(parents=True, exist_ok=True)
+        config.manager_runc_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.UsageError(
+            f"cannot create the state directories ({exc}): give writable directories"
+            " with --state-dir and --runc-root"
+        ) from None
     raise SystemExit(Manager(config, connect_timeout=connect_timeout).run())
 
 

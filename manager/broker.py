@@ -61,7 +61,15 @@ class OrderUndeliverable(Exception):
     """A control order found no queue: the assistant is not connected."""
 
 
+class ManagerIdInUse(Exception):
+    """Another connection holds this manager id's lock queue."""
+
+
 def _retryable(exc: BaseException) -> bool:
+    # A manager id in use is retried: after a crash of the previous manager
+    # the broker may not have noticed its closed connection yet.
+    if isinstance(exc, ManagerIdInUse):
+        return True
     return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
         exc,
         (
@@ -183,6 +191,10 @@ class Broker:
             raise BrokerError(
                 f"broker {redact(url)} unreachable for {self.connect_timeout:.0f} s: {exc!r}"
             ) from exc
+        except ManagerIdInUse as exc:
+            raise BrokerError(
+                f"{exc}: stop that manager, or start this one with another --id"
+            ) from exc
         except pika.exceptions.AMQPChannelError as exc:
             raise BrokerError(
                 f"declaring berth's exchanges and queues at {redact(url)} failed: {exc!r}."
@@ -198,6 +210,7 @@ class Broker:
             self.config.amqp_url, connection_attempts=1, blocked_connection_timeout=10.0
         )
         connection = pika.BlockingConnection(parameters)
+        self._take_lock(connection)
         self._declare(connection)
         self._connection = connection
         self.generation += 1
@@ -209,6 +222,27 @@ class Broker:
             redact(self.config.amqp_url),
             names.command_queue(self.config.manager_id),
         )
+
+    def _take_lock(self, connection: pika.BlockingConnection) -> None:
+        """Declare this manager id's exclusive lock queue, or fail if another has it.
+
+        Two managers with one id would split the commands between them and
+        nack each other's containers. The queue lives as long as this
+        connection, so a crashed manager's lock goes with its connection.
+        """
+        lock = names.lock_queue(self.config.manager_id)
+        try:
+            channel = connection.channel()
+            channel.queue_declare(lock, exclusive=True, auto_delete=True)
+            channel.close()
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            connection.close()
+            if exc.reply_code == 405:  # RESOURCE_LOCKED
+                raise ManagerIdInUse(
+                    f"another manager with id {self.config.manager_id!r} is connected"
+                    f" to the broker (it holds queue {lock})"
+                ) from None
+            raise
 
     def _declare(self, connection: pika.BlockingConnection) -> None:
         manager_id = self.config.manager_id
@@ -373,9 +407,9 @@ class Broker:
         else:
             self._commands.basic_reject(delivery_tag, requeue=False)
 
-    def send_order(self, container_id: str, order: ControlOrder) -> None:
-        """Publish an order to one assistant; serving thread only."""
-        queue = names.control_queue(self.config.manager_id, container_id)
+    def send_order(self, container_id: str, token: str, order: ControlOrder) -> None:
+        """Publish an order to the assistant ``token``; serving thread only."""
+        queue = names.control_queue(self.config.manager_id, container_id, token)
         try:
             self._confirmed.basic_publish(
                 "",

@@ -4,6 +4,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manager.network.bridge import parse_subnet
 from messages.names import ID_PATTERN, ID_RULE
 
 
@@ -46,6 +47,10 @@ class ManagerConfig:
     log_max_bytes: int = 10 * 1024 * 1024
     log_max_files: int = 3
 
+    network_subnet: str | None = None
+    """IPv4 subnet of the manager's container bridge, e.g. 10.213.7.0/24; the
+    bridge takes its first address. None: a free /24 of 10.213.0.0/16."""
+
     def __post_init__(self) -> None:
         if not ID_PATTERN.fullmatch(self.manager_id):
             raise ValueError(
@@ -56,6 +61,8 @@ class ManagerConfig:
             raise ValueError(
                 f"invalid heartbeat interval {self.heartbeat_interval!r}: use seconds > 0"
             )
+        if self.network_subnet is not None:
+            parse_subnet(self.network_subnet)  # raises ValueError naming the value
 
     @property
     def manager_dir(self) -> Path:

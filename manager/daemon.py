@@ -6,6 +6,8 @@ command handlers run on a thread pool.
 
 import concurrent.futures
 import functools
+import hashlib
+import os
 import logging
 import signal
 import threading
@@ -25,6 +27,7 @@ from manager.store import Store
 from messages.models import (
     BadMessage,
     ContainerState,
+    ErrorCode,
     ErrorInfo,
     Heartbeat,
     HeartbeatReply,
@@ -39,6 +42,12 @@ MUTATING_COMMANDS = frozenset({"create", "run", "start", "stop", "kill", "delete
 
 CHECK_INTERVAL = 0.5
 """Seconds between checks for ended assistants and silent containers."""
+
+
+def command_fingerprint(command) -> str:
+    """Digest of a command without its request id, to spot a reused id."""
+    body = command.model_dump_json(exclude={"request_id"})
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
 class Manager:
@@ -65,10 +74,11 @@ class Manager:
         self.epoch = self.store.next_epoch()
         self.started = time.monotonic()
         self.stopping = threading.Event()
+        self.pid = os.getpid()
         self._futures: set[concurrent.futures.Future] = set()
         # Mutating commands in progress by request id, and the deliveries of
         # the same request that arrived meanwhile; serving thread only.
-        self._in_progress: dict[str, concurrent.futures.Future] = {}
+        self._in_progress: dict[str, tuple[concurrent.futures.Future, str]] = {}
         self._duplicates: dict[str, list[tuple[pika.BasicProperties, int, int]]] = {}
         self._checking: set[str] = set()
         self._checking_lock = threading.Lock()
@@ -89,6 +99,8 @@ class Manager:
         if pruned:
             log.info("forgot %d stored replies older than the retention time", pruned)
         self.handlers.sweep_orphans()
+        known = {cid for cid, record in self.registry.records.items() if record.info.state != ContainerState.DELETED}
+        self.handlers.network.sweep(known)  # veths, namespaces and addresses of unknown containers
         self.started = time.monotonic()
         try:
             self.broker.serve(self.stopping)
@@ -102,6 +114,8 @@ class Manager:
         return 0
 
     def _on_signal(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:
+            return  # a child forked by a library (pyroute2 does) inherited the handler
         log.info("manager %s received %s; stopping", self.config.manager_id, signal.Signals(signum).name)
         self.stopping.set()
 
@@ -137,13 +151,16 @@ class Manager:
         request_id = command.request_id
         log.debug("command %s %s (request %s)", command.command, getattr(command, "id", ""), request_id)
         mutating = command.command in MUTATING_COMMANDS
-        if mutating and self._answer_duplicate(request_id, properties, delivery_tag, generation):
+        fingerprint = command_fingerprint(command)
+        if mutating and self._answer_duplicate(
+            request_id, fingerprint, properties, delivery_tag, generation
+        ):
             return
 
-        future = self.executor.submit(self._handle, command, mutating)
+        future = self.executor.submit(self._handle, command, mutating, fingerprint)
         self._futures.add(future)
         if mutating:
-            self._in_progress[request_id] = future
+            self._in_progress[request_id] = (future, fingerprint)
 
         def finish(done: concurrent.futures.Future) -> None:
             reply_json: str = done.result()
@@ -156,31 +173,56 @@ class Manager:
         future.add_done_callback(finish)
 
     def _answer_duplicate(
-        self, request_id: str, properties: pika.BasicProperties, delivery_tag: int, generation: int
+        self,
+        request_id: str,
+        fingerprint: str,
+        properties: pika.BasicProperties,
+        delivery_tag: int,
+        generation: int,
     ) -> bool:
         """Answer a request id seen before from its stored reply; False if new.
 
         A redelivery after a crash or reconnect, or a client's retry, must
-        not run the command again, and gets the reply of the first run.
+        not run the command again, and gets the reply of the first run. A
+        different command under a used request id gets an error instead.
         """
         running = self._in_progress.get(request_id)
-        if running is not None and not running.done():
+        if running is not None and not running[0].done():
+            if running[1] != fingerprint:
+                self._reject_reused_id(request_id, properties, delivery_tag, generation)
+                return True
             log.info("request %s is running already; its reply will answer this copy too", request_id)
             self._duplicates.setdefault(request_id, []).append((properties, delivery_tag, generation))
             return True
         stored = self.store.find_reply(request_id)
         if stored is None:
             return False
+        stored_fingerprint, reply_json = stored
+        if stored_fingerprint != fingerprint:
+            self._reject_reused_id(request_id, properties, delivery_tag, generation)
+            return True
         log.info("request %s was handled before; sending its stored reply again", request_id)
-        self.broker.reply_json(properties, stored)
+        self.broker.reply_json(properties, reply_json)
         self.broker.settle(delivery_tag, generation, accept=True)
         return True
 
-    def _handle(self, command, mutating: bool) -> str:
+    def _reject_reused_id(
+        self, request_id: str, properties: pika.BasicProperties, delivery_tag: int, generation: int
+    ) -> None:
+        log.warning("request id %s reused for a different command; rejected", request_id)
+        error = ErrorInfo(
+            code=ErrorCode.INVALID_ARGUMENT,
+            message=f"request_id {request_id!r} was already used for a different command;"
+            " send every new command with a new request_id",
+        )
+        self.broker.reply(properties, Reply(request_id=request_id, ok=False, error=error))
+        self.broker.settle(delivery_tag, generation, accept=True)
+
+    def _handle(self, command, mutating: bool, fingerprint: str) -> str:
         """Run a command on a worker thread; store a mutating command's reply."""
         reply_json = self.handlers.handle(command).model_dump_json()
         if mutating:
-            self.store.save_reply(command.request_id, reply_json)
+            self.store.save_reply(command.request_id, fingerprint, reply_json)
         return reply_json
 
     def _send_result(

@@ -8,12 +8,15 @@ on one container run one at a time, in arrival order per worker.
 import logging
 import os
 import shutil
+import uuid
 
+from assistant.cgroups import cgroup_dirs
 from assistant.config import AssistantConfig, ContainerPaths
 from assistant.logfile import read_lines, remove_logs
 from assistant.runtime import Runc, RuncError
 from assistant.supervisor import read_exit_record
 from manager import bundle
+from manager.network import ContainerNetwork, NetworkError
 from manager.assistants import Assistants
 from manager.broker import Broker, BrokerError, OrderUndeliverable
 from manager.config import ManagerConfig
@@ -68,13 +71,16 @@ class Handlers:
         self.assistants = assistants
         self.broker = broker
         self.runc = Runc(config.runc_binary, config.manager_runc_root)
+        self.network = ContainerNetwork(config.manager_id, config.manager_dir, config.network_subnet)
 
     def handle(self, command: Command) -> Reply:
         """Run one command and return its reply; never raises."""
         name = command.command
         container_id = getattr(command, "id", None)
         try:
-            if container_id is None:
+            if container_id is None or name == "stop":
+                # stop takes the container's lock only to order the stop, so
+                # that a kill or a forced delete need not wait out its grace.
                 return getattr(self, f"do_{name}")(command)
             with self.registry.command_lock(container_id):
                 return getattr(self, f"do_{name}")(command)
@@ -152,11 +158,18 @@ class Handlers:
         except bundle.BundleError as exc:
             self._remove_dir(paths)
             raise CommandError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        try:  # a failed attach removes what it made; later failures call network.detach
+            attachment = self.network.attach(container_id, spec.network, paths.bundle / "config.json")
+        except NetworkError as exc:
+            self._remove_dir(paths)
+            raise CommandError(ErrorCode.CREATE_FAILED, f"container {container_id!r}: {exc}") from None
 
         timeout = self.config.heartbeat_timeout if spec.heartbeat_timeout is None else spec.heartbeat_timeout
+        token = uuid.uuid4().hex[:12]
         assistant_config = AssistantConfig(
             manager_id=self.config.manager_id,
             container_id=container_id,
+            token=token,
             container_dir=paths.root,
             amqp_url=self.config.amqp_url,
             runc_binary=self.config.runc_binary,
@@ -166,18 +179,24 @@ class Handlers:
             init=spec.init,
             log_max_bytes=self.config.log_max_bytes,
             log_max_files=self.config.log_max_files,
+            container_address=attachment.address,
+            ports=spec.ports,
         )
         with self.registry.lock:
-            self.registry.pending[container_id] = PendingCreate()
+            self.registry.pending[container_id] = PendingCreate(token=token)
         try:
             assistant_pid = self.assistants.spawn(assistant_config)
             pending = self._wait_for_create(container_id, assistant_pid, paths)
+        except BaseException:
+            self.network.detach(container_id)
+            raise
         finally:
             with self.registry.lock:
                 self.registry.pending.pop(container_id, None)
 
         if pending.status != AssistantStatus.CREATED:
             self._remove_dir(paths)
+            self.network.detach(container_id)
             raise CommandError(
                 ErrorCode.CREATE_FAILED,
                 f"container {container_id!r} could not be created: {pending.error}",
@@ -193,9 +212,11 @@ class Handlers:
             created_at=utc_now(),
             assistant_pid=assistant_pid,
             pid=pending.pid,
+            address=attachment.address,
+            ports=spec.ports,
         )
         spec_only = CreateSpec.model_validate(spec.model_dump(include=set(CreateSpec.model_fields)))
-        self.registry.add(ContainerRecord(info=info, spec=spec_only))
+        self.registry.add(ContainerRecord(info=info, spec=spec_only, assistant_token=token))
 
     def _wait_for_create(self, container_id: str, assistant_pid: int, paths: ContainerPaths) -> PendingCreate:
         """Wait for the assistant's first report: created or create_failed."""
@@ -210,12 +231,14 @@ class Handlers:
             waited += deadline_step
             if not self.assistants.is_alive(container_id, assistant_pid, paths.root):
                 return PendingCreate(
+                    token="",
                     status=AssistantStatus.CREATE_FAILED,
                     error=f"its assistant exited before reporting; log: {self._log_tail(paths)}",
                 )
         self.assistants.kill(container_id, assistant_pid, paths.root)
         self.force_runc_cleanup(container_id)
         return PendingCreate(
+            token="",
             status=AssistantStatus.CREATE_FAILED,
             error=f"its assistant did not report within {self.config.create_timeout:.0f} s",
         )
@@ -249,28 +272,30 @@ class Handlers:
             )
 
     def _send_order(self, container_id: str, order: ControlOrder) -> None:
+        token = self._require(container_id).assistant_token
         try:
-            self.broker.call(lambda: self.broker.send_order(container_id, order))
+            self.broker.call(lambda: self.broker.send_order(container_id, token, order))
         except OrderUndeliverable as exc:
             raise CommandError(ErrorCode.UNAVAILABLE, str(exc)) from None
 
     # --- stop, kill, delete -----------------------------------------------
 
     def do_stop(self, command) -> Reply:
-        record = self._require(command.id)
-        state = record.info.state
-        if state not in (ContainerState.RUNNING, ContainerState.STARTING, ContainerState.STOPPING):
-            raise CommandError(
-                ErrorCode.CONFLICT,
-                f"container {command.id!r} is {state.value}, not running; nothing to stop",
-            )
-        with self.registry.lock:
-            record.stop_grace = command.grace
-            if state != ContainerState.STOPPING:
-                self.registry.transition(command.id, ContainerState.STOPPING)
-            else:
-                self.registry.update(record)
-        self._send_order(command.id, ControlOrder(action="stop", grace=command.grace))
+        with self.registry.command_lock(command.id):
+            record = self._require(command.id)
+            state = record.info.state
+            if state not in (ContainerState.RUNNING, ContainerState.STARTING, ContainerState.STOPPING):
+                raise CommandError(
+                    ErrorCode.CONFLICT,
+                    f"container {command.id!r} is {state.value}, not running; nothing to stop",
+                )
+            with self.registry.lock:
+                record.stop_grace = command.grace
+                if state != ContainerState.STOPPING:
+                    self.registry.transition(command.id, ContainerState.STOPPING)
+                else:
+                    self.registry.update(record)
+            self._send_order(command.id, ControlOrder(action="stop", grace=command.grace))
         if not self._wait_exited(command.id, command.grace + STOP_MARGIN):
             raise CommandError(
                 ErrorCode.UNAVAILABLE,
@@ -312,9 +337,11 @@ class Handlers:
             self._end_workload(record)
         paths = self.paths(command.id)
         self.force_runc_cleanup(command.id)
+        self.network.detach(command.id)
         remove_logs(paths.container_log)
         self._remove_dir(paths)
         self.registry.transition(command.id, ContainerState.DELETED)
+        self.remove_empty_cgroups()
         return Reply(request_id=command.request_id, ok=True, container=self.registry.get(command.id).info)
 
     def _end_workload(self, record: ContainerRecord) -> None:
@@ -398,6 +425,20 @@ class Handlers:
                 continue
             log.warning("removing orphan container directory %s", directory)
             self._remove_dir(ContainerPaths(directory))
+        self.remove_empty_cgroups()
+
+    def remove_empty_cgroups(self) -> None:
+        """Remove this manager's parent cgroups once no container uses them.
+
+        runc removes a container's own cgroups on delete, but not the
+        /berth/<manager id> directories above them.
+        """
+        for path in (f"/berth/{self.config.manager_id}", "/berth"):
+            for directory in cgroup_dirs(path):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass  # still in use by a container or another manager
 
     def _remove_dir(self, paths: ContainerPaths) -> None:
         try:
@@ -435,11 +476,13 @@ class Handlers:
         self._require(command.id)
         tail = MAX_LOG_LINES if command.tail is None else command.tail
         lines = read_lines(self.paths(command.id).container_log, tail=tail) if tail else []
+        kept = newest_within(lines, MAX_LOG_REPLY_BYTES)
         return Reply(
             request_id=command.request_id,
             ok=True,
             container=self.registry.get(command.id).info,
-            logs=newest_within(lines, MAX_LOG_REPLY_BYTES),
+            logs=kept,
+            logs_omitted=len(lines) - len(kept),
         )
 
 

@@ -37,6 +37,17 @@ def _answer(registry: Registry, beat: Heartbeat, adopting: bool) -> HeartbeatRep
     container_id = beat.container_id
     with registry.lock:
         pending = registry.pending.get(container_id)
+        record = registry.get(container_id)
+        current = pending.token if pending is not None else record.assistant_token if record else None
+        if current and beat.token != current:
+            # An assistant of an earlier create of this id, for instance one
+            # whose manager crashed before it stored the container.
+            log.warning(
+                "heartbeat from stale assistant %d of container %s: nack",
+                beat.assistant_pid,
+                container_id,
+            )
+            return HeartbeatReply(verdict=Verdict.NACK)
         if pending is not None:
             pending.status = beat.status
             pending.pid = beat.pid
@@ -47,7 +58,6 @@ def _answer(registry: Registry, beat: Heartbeat, adopting: bool) -> HeartbeatRep
             final = beat.status == AssistantStatus.CREATE_FAILED
             return HeartbeatReply(verdict=Verdict.ACK, exit_recorded=final)
 
-        record = registry.get(container_id)
         if record is None or record.info.state == ContainerState.DELETED:
             verdict = Verdict.RETRY_LATER if adopting else Verdict.NACK
             log.warning(

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class PendingCreate:
     """A container whose assistant has not reported the runc create result yet."""
 
+    token: str
     assistant_pid: int | None = None
     status: AssistantStatus = AssistantStatus.CREATING
     pid: int | None = None

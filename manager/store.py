@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS replies (
     request_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
     reply TEXT NOT NULL,
     stored_at REAL NOT NULL
 );
@@ -51,6 +52,7 @@ class ContainerRecord(BaseModel):
     stop_grace: float | None = Field(
         default=None, description="set while a stop is requested, in seconds"
     )
+    assistant_token: str = Field(default="", description="id of the container's assistant")
 
 
 class Store:
@@ -93,11 +95,17 @@ class Store:
                 raise
 
     def next_epoch(self) -> int:
-        """Count this manager run: return one more than the previous run's epoch."""
+        """Return the epoch of this manager run: the start time in milliseconds.
+
+        Time-based, so that a manager started with an empty state directory
+        still has a newer epoch than the run before it; one more than the
+        stored epoch when the clock went back.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-            epoch = int(row[0]) + 1 if row else 1
+            previous = int(row[0]) if row else 0
+            epoch = max(previous + 1, int(time.time() * 1000))
             self._db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(epoch),)
             )
@@ -112,19 +120,20 @@ class Store:
                 (routing_key, event.model_dump_json()),
             )
 
-    def find_reply(self, request_id: str) -> str | None:
-        """Return the stored reply JSON of a request id already handled."""
+    def find_reply(self, request_id: str) -> tuple[str, str] | None:
+        """Return (command fingerprint, reply JSON) of a request id already handled."""
         with self._lock:
             row = self._db.execute(
-                "SELECT reply FROM replies WHERE request_id = ?", (request_id,)
+                "SELECT fingerprint, reply FROM replies WHERE request_id = ?", (request_id,)
             ).fetchone()
-        return row[0] if row else None
+        return (row[0], row[1]) if row else None
 
-    def save_reply(self, request_id: str, reply_json: str) -> None:
+    def save_reply(self, request_id: str, fingerprint: str, reply_json: str) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO replies (request_id, reply, stored_at) VALUES (?, ?, ?)",
-                (request_id, reply_json, time.time()),
+                "INSERT OR REPLACE INTO replies (request_id, fingerprint, reply, stored_at)"
+                " VALUES (?, ?, ?, ?)",
+                (request_id, fingerprint, reply_json, time.time()),
             )
 
     def prune_replies(self) -> int:

@@ -90,6 +90,8 @@ PARAMETER_OF_FIELD = {
     "hostname": "--hostname",
     "labels": "--label",
     "heartbeat_timeout": "--heartbeat-timeout",
+    "network": "--network",
+    "ports": "--publish",
     "limits.memory_bytes": "--memory",
     "limits.cpus": "--cpus",
     "limits.pids": "--pids",
@@ -174,6 +176,23 @@ def pairs_callback(
         return parse_pairs(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def publish_callback(
+    ctx: click.Context, param: click.Parameter, value: Sequence[str]
+) -> list[dict[str, int]]:
+    """Parse HOST_PORT:CONTAINER_PORT items into ``ports`` entries of a create."""
+    ports = []
+    for item in value:
+        host_port, _, container_port = item.partition(":")
+        if not (host_port.isdigit() and container_port.isdigit()):
+            raise click.BadParameter(
+                f"invalid port mapping {item!r}: expected HOST_PORT:CONTAINER_PORT, such as 8080:80",
+                ctx,
+                param,
+            )
+        ports.append({"host_port": int(host_port), "container_port": int(container_port)})
+    return ports
 
 
 def container_id_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -576,6 +595,20 @@ CREATE_OPTIONS = [
         show_default=True,
         help="Run the workload under tini, which forwards signals and reaps zombies.",
     ),
+    click.option(
+        "--network",
+        type=click.Choice(["bridge", "none", "host"]),
+        help="bridge: an address on the manager's bridge; none: loopback only;"
+        " host: the host's network; default: bridge.",
+    ),
+    click.option(
+        "--publish",
+        "-p",
+        multiple=True,
+        callback=publish_callback,
+        metavar="HOST_PORT:CONTAINER_PORT",
+        help="Publish a TCP port of the container on 127.0.0.1 of the manager's host; repeatable.",
+    ),
 ]
 
 
@@ -602,8 +635,9 @@ def build_create(
         "labels": options["label"],
         "limits": {key: value for key, value in limits.items() if value is not None},
         "init": options["init"],
+        "ports": options["publish"],
     }
-    for field in ("cwd", "rootfs", "hostname", "heartbeat_timeout"):
+    for field in ("cwd", "rootfs", "hostname", "heartbeat_timeout", "network"):
         if options[field] is not None:
             fields[field] = options[field]
     return build_command(model, **fields)
@@ -776,6 +810,12 @@ def logs(ctx: click.Context, container_id: str, tail: int | None) -> None:
     def print_lines() -> None:
         for line in reply.logs or []:
             click.echo(line.line, err=line.stream == "stderr")
+        if reply.logs_omitted:
+            click.echo(
+                f"berth: {reply.logs_omitted} older lines left out to keep the reply under"
+                " its size limit; use --tail to choose fewer lines",
+                err=True,
+            )
 
     print_reply(ctx, reply, print_lines)
 

@@ -20,6 +20,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from messages.names import ID_PATTERN, ID_RULE
@@ -118,6 +119,17 @@ class Limits(Model):
     pids: int | None = Field(default=None, ge=1, description="maximum number of processes")
 
 
+class PortMapping(Model):
+    """A TCP port of the container published on the manager's host loopback."""
+
+    host_port: int = Field(ge=1, le=65535, description="port on 127.0.0.1 of the manager's host")
+    container_port: int = Field(ge=1, le=65535, description="port on the container's address")
+    protocol: Literal["tcp"] = "tcp"
+
+
+NetworkMode = Literal["none", "bridge", "host"]
+
+
 class CreateSpec(Model):
     id: ContainerId
     argv: list[str] = Field(min_length=1, description="program and arguments")
@@ -140,9 +152,32 @@ class CreateSpec(Model):
     heartbeat_timeout: float | None = Field(
         default=None,
         ge=0,
+        le=365 * 24 * 3600,
+        allow_inf_nan=False,
         description="seconds without a heartbeat reply after which the"
         " assistant kills the workload; 0 means never; null: manager default",
     )
+    network: NetworkMode = Field(
+        default="bridge",
+        description="bridge: own namespace with an address on the manager's bridge;"
+        " none: own namespace with loopback only; host: the manager's host network",
+    )
+    ports: list[PortMapping] = Field(
+        default_factory=list, description="ports published on 127.0.0.1; network bridge only"
+    )
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> "CreateSpec":
+        if self.ports and self.network != "bridge":
+            raise ValueError(
+                f"ports need network bridge, not {self.network}: a container without"
+                " an address of its own cannot have ports published"
+            )
+        host_ports = [mapping.host_port for mapping in self.ports]
+        duplicates = sorted({port for port in host_ports if host_ports.count(port) > 1})
+        if duplicates:
+            raise ValueError(f"host_port {duplicates[0]} is published twice; use each host port once")
+        return self
 
 
 class CreateCommand(CommandBase, CreateSpec):
@@ -253,6 +288,10 @@ class ContainerInfo(Model):
     pid: int | None = Field(default=None, description="workload pid on the host")
     exit: ExitInfo | None = None
     last_heartbeat_at: datetime | None = None
+    address: str | None = Field(
+        default=None, description="IPv4 address on the manager's bridge; null without network bridge"
+    )
+    ports: list[PortMapping] = Field(default_factory=list)
 
 
 class LogLine(Model):
@@ -276,6 +315,11 @@ class Reply(Model):
     container: ContainerInfo | None = None
     containers: list[ContainerInfo] | None = None
     logs: list[LogLine] | None = None
+    logs_omitted: int | None = Field(
+        default=None,
+        description="older log lines of the requested tail left out, because the"
+        " reply would have exceeded its size limit; ask for a smaller tail",
+    )
 
 
 # --- events (manager -> subscribers) ---------------------------------------
@@ -311,6 +355,7 @@ class Heartbeat(Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     container_id: str
     assistant_pid: int
+    token: str = Field(description="the assistant's id, new for every assistant started")
     status: AssistantStatus
     pid: int | None = None
     exit: ExitInfo | None = None

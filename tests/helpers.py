@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from assistant.runtime import Runc
+from manager.network import remove_manager_network
 from messages.client import Client, ClientError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class ManagerProcess:
         lost_after: float = 3.0,
         adopt_window: float = 0.0,
         environment: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ):
         self.amqp_url = amqp_url
         self.manager_id = manager_id
@@ -41,6 +43,7 @@ class ManagerProcess:
         self.lost_after = lost_after
         self.adopt_window = adopt_window
         self.environment = environment or {}
+        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
 
     @property
@@ -76,6 +79,7 @@ class ManagerProcess:
             str(self.adopt_window),
             "--log-level",
             "DEBUG",
+            *self.extra_args,
         ]
         with open(self.log_path, "ab") as output:
             self.process = subprocess.Popen(
@@ -153,7 +157,7 @@ class ManagerProcess:
         return pids
 
     def cleanup(self) -> None:
-        """Stop the manager, end its assistants and remove runc state.
+        """Stop the manager, end its assistants, remove runc state and network.
 
         Every process ended here was started by this test's manager.
         """
@@ -171,6 +175,7 @@ class ManagerProcess:
                     check=False,
                     capture_output=True,
                 )
+        remove_manager_network(self.manager_id)  # bridge, veths and namespaces
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:

@@ -793,3 +793,21 @@ def test_cli_against_manager(amqp_url, manager_run):
     fields = exits_output.split()
     assert fields[1:4] == [manager_id, container_id, "exited"]
     assert "exit_code=4" in fields
+
+
+def test_run_sends_network_and_ports(runner, broker):
+    result = berth(
+        runner, "run", "api", "--network", "bridge", "-p", "8080:80", "--publish", "8443:443", "--", "true"
+    )
+
+    assert result.exit_code == 0, result.output
+    [command] = broker.commands
+    assert command.network == "bridge"
+    assert [(port.host_port, port.container_port) for port in command.ports] == [(8080, 80), (8443, 443)]
+
+
+def test_publish_without_colon_names_value(runner, broker):
+    result = berth(runner, "run", "api", "--publish", "8080", "--", "true")
+
+    assert_usage_error(result, "'--publish'", "'8080'", "HOST_PORT:CONTAINER_PORT")
+    assert broker.commands == []

@@ -44,6 +44,7 @@ def assert_nothing_left(manager, container_id):
     assert manager.runc.state(container_id) is None
     assert not (manager.containers_dir / container_id).exists()
     assert cgroup_dirs(cgroups_path(manager.manager_id, container_id)) == []
+    assert wait_until(lambda: manager.assistant_pids() == [], 10)
 
 
 def test_stop_sends_sigterm_then_delete(manager):
@@ -160,6 +161,8 @@ def test_illegal_transitions_name_state_or_id(manager):
 
         forced = client.request({"command": "delete", "id": "busy", "force": True})
         assert forced.container.state == ContainerState.DELETED
+        # The last container gone, the manager's own cgroups go too.
+        assert cgroup_dirs(f"/berth/{manager.manager_id}") == []
         gone = client.send({"command": "inspect", "id": "busy"})
         assert gone.error.code == ErrorCode.NOT_FOUND
     assert_nothing_left(manager, "busy")

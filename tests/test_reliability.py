@@ -1,5 +1,8 @@
 """Restarts, outages, duplicates and poison messages cost no container and no event."""
 
+import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -57,6 +60,13 @@ def test_same_request_id_runs_once(manager):
         # A fresh request for the same id is a new command, and a conflict.
         again = client.send({**command, "request_id": "req-once-2"})
         assert again.error.code == ErrorCode.CONFLICT
+
+        # A used request id on a different command is rejected, not answered
+        # with the old reply.
+        reused = client.send({"command": "delete", "id": "once", "force": True, "request_id": "req-once-1"})
+        assert reused.error.code == ErrorCode.INVALID_ARGUMENT
+        assert "'req-once-1'" in reused.error.message
+        assert client.request({"command": "inspect", "id": "once"}).container.state == ContainerState.CREATED
         client.request({"command": "delete", "id": "once", "force": True})
 
 
@@ -187,6 +197,7 @@ def test_stale_epoch_nack_is_ignored(tmp_path):
     config = AssistantConfig(
         manager_id="m",
         container_id="c",
+        token="t1",
         container_dir=tmp_path,
         amqp_url="amqp://guest:guest@127.0.0.1:1/%2F",
         runc_root=tmp_path / "runc",
@@ -320,3 +331,113 @@ def test_deleted_command_queue_is_redeclared(manager):
         channel.close()
         assert wait_until(lambda: _answers(client), 30)
     assert "cancelled the consumer" in manager.log_path.read_text()
+
+
+def test_manager_killed_mid_create_leaves_nothing(manager):
+    with manager.client() as client:
+        # Publish without waiting for the reply, then kill the manager
+        # while the create is in progress.
+        command = {"command": "create", "id": "half", "argv": ["sleep", "infinity"], "request_id": "req-half"}
+        client._channel.basic_publish(
+            names.COMMAND_EXCHANGE, manager.manager_id, json.dumps(command).encode()
+        )
+    time.sleep(0.3)
+    manager.kill()
+    manager.start()
+
+    with manager.client() as client:
+        # Sending the same request again returns the one outcome of the
+        # redelivered create: created, or an error with nothing left.
+        outcome = client.send(command)
+        if outcome.ok:
+            assert outcome.container.state == ContainerState.CREATED
+            client.request({"command": "delete", "id": "half"})
+        assert wait_until(lambda: manager.runc.list_ids() == [], 15)
+        assert wait_until(lambda: manager.assistant_pids() == [], 15)
+        assert not (manager.containers_dir / "half").exists()
+
+
+def test_silent_assistant_is_lost_then_found(manager):
+    with manager.client() as client:
+        events = client.subscribe(f"{manager.manager_id}.quiet.*")
+        reply = client.request(
+            {"command": "run", "id": "quiet", "argv": ["sleep", "infinity"], "heartbeat_timeout": 30}
+        )
+        assistant = reply.container.assistant_pid
+        os.kill(assistant, signal.SIGSTOP)  # no heartbeats, nothing dies
+        try:
+            assert wait_until(
+                lambda: client.request({"command": "inspect", "id": "quiet"}).container.state
+                == ContainerState.LOST,
+                15,
+            )
+        finally:
+            os.kill(assistant, signal.SIGCONT)
+        assert wait_until(
+            lambda: client.request({"command": "inspect", "id": "quiet"}).container.state
+            == ContainerState.RUNNING,
+            15,
+        )
+        assert pid_alive(reply.container.pid)
+        seen = [event.event for event in drain_events(events)]
+        assert seen == ["created", "starting", "running", "lost", "running"]
+        client.request({"command": "delete", "id": "quiet", "force": True})
+
+
+def test_second_manager_with_same_id_exits(manager, tmp_path):
+    twin = ManagerProcess(
+        manager.amqp_url,
+        manager.manager_id,
+        tmp_path / "twin",
+        extra_args=("--connect-timeout", "2"),
+    )
+    process = twin.launch()
+    assert process.wait(30) == 1
+    assert "another manager with id" in twin.log_path.read_text()
+    with manager.client() as client:
+        assert client.request({"command": "list"}).ok
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_to_assistant_stops_workload(manager, signum):
+    with manager.client() as client:
+        reply = client.request({"command": "run", "id": "sig", "argv": ["sleep", "infinity"]})
+        os.kill(reply.container.assistant_pid, signum)
+        assert wait_until(
+            lambda: client.request({"command": "inspect", "id": "sig"}).container.state
+            == ContainerState.EXITED,
+            20,
+        )
+        exit = client.request({"command": "inspect", "id": "sig"}).container.exit
+        assert exit.reason == ExitReason.STOPPED
+        assert exit.signal == "SIGTERM"
+        assert not pid_alive(reply.container.pid)
+        assert wait_until(lambda: not pid_alive(reply.container.assistant_pid), 10)
+        client.request({"command": "delete", "id": "sig"})
+
+
+def test_kill_during_long_stop_is_not_blocked(manager):
+    stubborn = ["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"]
+    with manager.client() as client:
+        client.request({"command": "run", "id": "slow", "argv": stubborn, "init": False})
+        stopper = threading.Thread(
+            target=lambda: Client(manager.amqp_url, manager.manager_id).send(
+                {"command": "stop", "id": "slow", "grace": 60}
+            )
+        )
+        stopper.start()
+        assert wait_until(
+            lambda: client.request({"command": "inspect", "id": "slow"}).container.state
+            == ContainerState.STOPPING,
+            10,
+        )
+        started = time.monotonic()
+        client.request({"command": "kill", "id": "slow", "signal": "SIGKILL"})
+        assert wait_until(
+            lambda: client.request({"command": "inspect", "id": "slow"}).container.state
+            == ContainerState.EXITED,
+            10,
+        )
+        assert time.monotonic() - started < 30, "the kill waited for the stop's grace"
+        stopper.join(30)
+        client.request({"command": "delete", "id": "slow"})

@@ -247,7 +247,7 @@ def test_document_root_accepts_every_message_type(document):
             "event": "created",
             "state": "created",
         },
-        {"container_id": "web-1", "assistant_pid": 4242, "status": "running", "pid": 4250},
+        {"container_id": "web-1", "assistant_pid": 4242, "token": "5e1f0c2a9b7d", "status": "running", "pid": 4250},
         {"verdict": "stop", "grace": 10.0},
         {"action": "kill", "signal": "SIGTERM"},
     ]
