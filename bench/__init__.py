@@ -1,0 +1,1 @@
+"""Benchmarks of berth against raw runc, podman and bare pika: ``python3 -m bench.run``."""
