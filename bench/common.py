@@ -87,6 +87,8 @@ class Context:
     amqp_url: str
     work_dir: Path
     quick: bool
+    spawn: str = "fork"
+    """The managers' --spawn mode: "fork" (the default) or "exec"."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
     def directory(self, name: str) -> Path:
@@ -277,6 +279,7 @@ class ManagerRun:
             "--heartbeat-interval", str(heartbeat_interval),
             "--heartbeat-timeout", str(heartbeat_timeout),
             "--lost-after", str(lost_after),
+            "--spawn", context.spawn,
         ]
         self.process: subprocess.Popen | None = None
 

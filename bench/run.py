@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations and containers")
     parser.add_argument("--only", help=f"comma-separated benchmarks to run, from: {', '.join(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/DATE.json)")
+    parser.add_argument(
+        "--spawn",
+        choices=["fork", "exec"],
+        default="fork",
+        help="how the managers start assistants (default: fork)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *(argv or sys.argv[1:])]),
         "quick": args.quick,
+        "spawn": args.spawn,
         "machine": machine_info(),
         "load_start": loadavg(),
         "results": [],
@@ -126,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     node = PrivateNode(node_dir)
     try:
         url = node.start()
-        context = Context(amqp_url=url, work_dir=work_dir / "work", quick=args.quick)
+        context = Context(
+            amqp_url=url, work_dir=work_dir / "work", quick=args.quick, spawn=args.spawn
+        )
         for name in selected:
             log.info("benchmark %s starts (load %s)", name, loadavg())
             began = time.monotonic()

@@ -28,12 +28,13 @@ from manager.daemon import Manager
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0, max=365 * 24 * 3600), default=30.0, help="Default seconds without a reply before an assistant kills its workload; 0: never.")
 @click.option("--adopt-window", type=click.FloatRange(min=0, max=3600), default=5.0, help="Seconds after start during which heartbeats of unknown containers get retry_later instead of nack.")
 @click.option("--lost-after", type=click.FloatRange(min=0.1, max=3600), default=5.0, help="Seconds without a heartbeat before a container is lost.")
+@click.option("--spawn", "spawn_mode", type=click.Choice(["fork", "exec"]), default="fork", help="Start assistants by forking a process that has their code loaded, or by exec of a new interpreter.")
 @click.option("--workers", type=click.IntRange(1, 256), default=8, help="Threads handling commands.")
 @click.option("--connect-timeout", type=click.FloatRange(min=0), default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
 @click.option("--network-subnet", help="IPv4 subnet of the container bridge, e.g. 10.213.7.0/24; default: a free /24 of 10.213.0.0/16.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, heartbeat_interval,
-         heartbeat_timeout, adopt_window, lost_after, workers, connect_timeout, network_subnet,
+         heartbeat_timeout, adopt_window, lost_after, spawn_mode, workers, connect_timeout, network_subnet,
          log_level) -> None:
     """Run the berth manager for this host until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -54,6 +55,7 @@ def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, h
             heartbeat_timeout=heartbeat_timeout,
             adopt_window=adopt_window,
             lost_after=lost_after,
+            spawn_mode=spawn_mode,
             workers=workers,
             network_subnet=network_subnet,
             **options,

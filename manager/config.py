@@ -35,6 +35,10 @@ class ManagerConfig:
     lost_after: float = 5.0
     """Seconds without a heartbeat after which a container becomes lost."""
 
+    spawn_mode: str = "fork"
+    """How assistants start: "fork" from the fork server that imported
+    their code once (fast, small), or "exec" as a new interpreter each."""
+
     workers: int = 8
     """Threads running slow command work (bundles, runc, waiting)."""
 
@@ -57,6 +61,8 @@ class ManagerConfig:
                 f"invalid manager id {self.manager_id!r}: use {ID_RULE}"
                 " (set it with --id)"
             )
+        if self.spawn_mode not in ("fork", "exec"):
+            raise ValueError(f"invalid spawn mode {self.spawn_mode!r}: use fork or exec")
         if self.heartbeat_interval <= 0:
             raise ValueError(
                 f"invalid heartbeat interval {self.heartbeat_interval!r}: use seconds > 0"

@@ -56,7 +56,7 @@ class Manager:
         config.containers_dir.mkdir(parents=True, exist_ok=True)
         config.manager_runc_root.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.database)
-        self.assistants = Assistants()
+        self.assistants = Assistants(config.manager_dir, config.spawn_mode)
         self.broker = Broker(
             config,
             self.store,
@@ -109,6 +109,7 @@ class Manager:
             return 1
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self.assistants.close()
             self.store.close()
         log.info("manager %s stopped", self.config.manager_id)
         return 0

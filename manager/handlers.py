@@ -431,14 +431,20 @@ class Handlers:
         """Remove this manager's parent cgroups once no container uses them.
 
         runc removes a container's own cgroups on delete, but not the
-        /berth/<manager id> directories above them.
+        /berth/<manager id> directories above them. The registry lock keeps
+        a create from starting meanwhile: runc would fail to create its
+        cgroup below a parent removed halfway.
         """
-        for path in (f"/berth/{self.config.manager_id}", "/berth"):
-            for directory in cgroup_dirs(path):
+        with self.registry.lock:
+            if self.registry.pending or self.registry.active():
+                return
+            # /berth itself stays: another manager on this host may be
+            # creating a container below it right now.
+            for directory in cgroup_dirs(f"/berth/{self.config.manager_id}"):
                 try:
                     directory.rmdir()
                 except OSError:
-                    pass  # still in use by a container or another manager
+                    pass  # a container's cgroup is still below it
 
     def _remove_dir(self, paths: ContainerPaths) -> None:
         try:
