@@ -21,7 +21,6 @@ consumers alternate: echo, berth, echo, berth, ...
 
 import json
 import multiprocessing
-import os
 import time
 import uuid
 

@@ -30,7 +30,7 @@ from manager.daemon import Manager
 @click.option("--lost-after", type=click.FloatRange(min=0.1, max=3600), default=5.0, help="Seconds without a heartbeat before a container is lost.")
 @click.option("--spawn", "spawn_mode", type=click.Choice(["fork", "exec"]), default="fork", help="Start assistants by forking a process that has their code loaded, or by exec of a new interpreter.")
 @click.option("--workers", type=click.IntRange(1, 256), default=8, help="Threads handling commands.")
-@click.option("--connect-timeout", type=click.FloatRange(min=0), default=60.0, help="Seconds to keep retrying an unreachable broker before exiting.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), default=60.0, help="Seconds to keep retrying an unreachable broker before exiting; 0: retry forever.")
 @click.option("--network-subnet", help="IPv4 subnet of the container bridge, e.g. 10.213.7.0/24; default: a free /24 of 10.213.0.0/16.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO")
 def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, heartbeat_interval,
@@ -42,6 +42,10 @@ def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, h
         format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs each failed connection attempt with a traceback at ERROR;
+    # the manager logs every attempt itself, with the next wait.
+    logging.getLogger("pika.adapters.utils.connection_workflow").setLevel(logging.CRITICAL)
+    logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # DEBUG logs every netlink message
     options = {"manager_id": manager_id} if manager_id else {}
     try:

@@ -16,7 +16,13 @@ from typing import Any, TypeVar
 
 import pika
 import pika.exceptions
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    stop_never,
+    wait_exponential_jitter,
+)
 
 from manager.config import ManagerConfig
 from manager.store import Store
@@ -167,7 +173,8 @@ class Broker:
         retrying = Retrying(
             retry=retry_if_exception(_retryable),
             wait=wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5),
-            stop=stop_after_delay(self.connect_timeout),
+            # 0 means no limit: keep retrying for as long as the broker is away.
+            stop=stop_after_delay(self.connect_timeout) if self.connect_timeout else stop_never,
             before_sleep=lambda state: log.warning(
                 "cannot reach broker %s (%r); retry %d in %.1f s",
                 redact(url),

@@ -116,6 +116,9 @@ def cgroups_path(manager_id: str, container_id: str) -> str:
     return f"/berth/{manager_id}/{container_id}"
 
 
+MAX_ARG_BYTES = 131072
+"""Linux's MAX_ARG_STRLEN: one argument or environment string, NUL included."""
+
 INIT_DESTINATION = "/dev/init"
 """Path of the init binary in the container. /dev is runc's own tmpfs, so
 the bind mount never writes to a caller's root directory."""
@@ -190,6 +193,11 @@ def validate_process(spec: CreateSpec) -> None:
     for index, arg in enumerate(spec.argv):
         if "\0" in arg:
             raise BundleError(f"argv[{index}] {arg!r} contains a NUL byte. Remove it.")
+        if len(arg.encode()) >= MAX_ARG_BYTES:
+            raise BundleError(
+                f"argv[{index}] is {len(arg.encode())} bytes long; Linux takes at most"
+                f" {MAX_ARG_BYTES - 1} bytes per argument: pass the data in a file instead"
+            )
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key:
             raise BundleError(
@@ -198,6 +206,11 @@ def validate_process(spec: CreateSpec) -> None:
             )
         if "\0" in value:
             raise BundleError(f"environment variable {key} contains a NUL byte. Remove it.")
+        if len(f"{key}={value}".encode()) >= MAX_ARG_BYTES:
+            raise BundleError(
+                f"environment variable {key} is longer than {MAX_ARG_BYTES - 1} bytes,"
+                " the Linux limit per variable: pass the data in a file instead"
+            )
 
 
 def check_executable(spec: CreateSpec, root_dir: pathlib.Path, default_root: bool) -> None:
@@ -212,6 +225,11 @@ def check_executable(spec: CreateSpec, root_dir: pathlib.Path, default_root: boo
     else:
         search_path = spec.env.get("PATH", DEFAULT_PATH)
         candidates = [f"{folder}/{program}" for folder in search_path.split(":") if folder]
+        if not candidates:
+            raise BundleError(
+                f"executable {program!r} cannot be found: PATH in env is empty;"
+                " set PATH or give the program's absolute path"
+            )
     for candidate in candidates:
         inside = posixpath.normpath(posixpath.join(spec.cwd, candidate))
         first = inside.lstrip("/").split("/", 1)[0]
@@ -243,6 +261,11 @@ def check_rootfs(rootfs: str) -> None:
         raise BundleError(
             f"rootfs {rootfs} is not a directory: give the path of a directory"
             " that contains the container's files, or omit rootfs"
+        )
+    if path.resolve() == pathlib.Path("/"):
+        raise BundleError(
+            f"rootfs {rootfs} is the host's own root: give a directory that contains"
+            " only the container's files, or omit rootfs"
         )
 
 

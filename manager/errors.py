@@ -18,5 +18,6 @@ class CommandError(Exception):
 def not_found(container_id: str) -> CommandError:
     return CommandError(
         ErrorCode.NOT_FOUND,
-        f"no container {container_id!r} on this manager; `list` shows the known ids",
+        f"no container {container_id!r} on this manager; `list` (berth ps --all)"
+        " shows the known ids",
     )

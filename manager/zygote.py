@@ -1,7 +1,6 @@
 """The manager's side of the assistant fork server (assistant/zygote.py)."""
 
 import logging
-import os
 import subprocess
 import sys
 import threading

@@ -820,6 +820,22 @@ def logs(ctx: click.Context, container_id: str, tail: int | None) -> None:
     print_reply(ctx, reply, print_lines)
 
 
+def check_pattern(pattern: str) -> None:
+    """Reject binding patterns that the broker refuses or that match no event."""
+    if not pattern or len(pattern.encode()) > 255:
+        raise click.BadParameter(
+            f"{pattern!r} is not a binding pattern: give 1 to 255 bytes, e.g. 'host-a.#'",
+            param_hint="PATTERN",
+        )
+    words = pattern.split(".")
+    if "#" not in words and len(words) != 3:
+        raise click.BadParameter(
+            f"{pattern!r} has {len(words)} words but routing keys have 3"
+            " (MANAGER.CONTAINER.EVENT), so it would match nothing; e.g. 'host-a.web.*'",
+            param_hint="PATTERN",
+        )
+
+
 @cli.command()
 @click.argument("pattern", default="#")
 @click.option(
@@ -838,6 +854,7 @@ def events(ctx: click.Context, pattern: str, count: int | None) -> None:
     word and "#" matches zero or more, e.g. "host-a.#" or "*.*.exited".
     Events published before this command subscribes are not shown.
     """
+    check_pattern(pattern)
     client = open_client(ctx)
     subscription = client.subscribe(pattern)
     json_output = ctx.find_object(Settings).json_output

@@ -208,7 +208,8 @@ class Client:
             if remaining <= 0:
                 raise ReplyTimeout(
                     f"manager {target!r} sent no reply to request {correlation_id}"
-                    f" within {timeout:.0f} s"
+                    f" within {timeout:g} s; is that manager running? Its queue keeps"
+                    " the command until it starts"
                 )
             self._connection.process_data_events(time_limit=min(remaining, 0.5))
         return self._replies.pop(correlation_id)

@@ -111,12 +111,14 @@ class CommandBase(Model):
 
 class Limits(Model):
     memory_bytes: int | None = Field(
-        default=None, ge=4 * 1024 * 1024, description="memory limit in bytes"
+        default=None, ge=4 * 1024 * 1024, strict=True, description="memory limit in bytes"
     )
     cpus: float | None = Field(
         default=None, gt=0, le=1024, description="CPU time as a number of cores"
     )
-    pids: int | None = Field(default=None, ge=1, description="maximum number of processes")
+    pids: int | None = Field(
+        default=None, ge=1, strict=True, description="maximum number of processes"
+    )
 
 
 class PortMapping(Model):
@@ -141,7 +143,12 @@ class CreateSpec(Model):
         description="absolute path of a root directory on the manager's host;"
         " by default a read-only root made of the host's /usr, /bin, /lib, /sbin",
     )
-    hostname: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]{1,63}$")
+    hostname: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$",
+        description="dot-separated labels of letters, digits and inner '-'",
+    )
     limits: Limits = Field(default_factory=Limits)
     labels: dict[str, str] = Field(default_factory=dict)
     init: bool = Field(

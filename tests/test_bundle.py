@@ -801,3 +801,18 @@ def test_cgroup_pids_running_container(runc_host):
     assert deleted.returncode == 0, deleted.stderr
     assert cgroups.cgroup_pids(runc_host.cgroups_path(container_id)) == []
     assert cgroups.cgroup_dirs(runc_host.cgroups_path(container_id)) == []
+
+
+def test_host_root_as_rootfs_raises(tmp_path):
+    with pytest.raises(bundle.BundleError, match="host's own root"):
+        write_config(tmp_path / "b", rootfs="/")
+
+
+def test_overlong_argument_raises(tmp_path):
+    with pytest.raises(bundle.BundleError, match=r"argv\[2\] is 200000 bytes"):
+        write_config(tmp_path / "b", argv=["sh", "-c", "x" * 200_000])
+
+
+def test_empty_path_names_the_cause(tmp_path):
+    with pytest.raises(bundle.BundleError, match="PATH in env is empty"):
+        write_config(tmp_path / "b", argv=["sh"], env={"PATH": ""})

@@ -811,3 +811,15 @@ def test_publish_without_colon_names_value(runner, broker):
 
     assert_usage_error(result, "'--publish'", "'8080'", "HOST_PORT:CONTAINER_PORT")
     assert broker.commands == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [("", "1 to 255 bytes"), ("x" * 256, "1 to 255 bytes"), ("host-a.web", "has 2 words")],
+)
+def test_events_rejects_patterns_matching_nothing(runner, broker, pattern, expected):
+    result = berth(runner, "events", pattern)
+
+    assert result.exit_code == 2
+    assert expected in result.stderr
+    assert broker.patterns == []

@@ -1,5 +1,4 @@
 import errno
-import json
 import logging
 import os
 import pathlib
