@@ -48,6 +48,7 @@ from pyroute2 import IPRoute, netns
 from assistant.runtime import Runc, RuncError
 from deploy import overlay
 from deploy.rabbitmq import PrivateNode, ProcessRef, RabbitMQNodeError
+from assistant.cgroups import cgroup_dirs
 from manager.network import remove_manager_network
 from manager.network.bridge import ipv4_interfaces
 from messages.client import Client, ClientError
@@ -381,6 +382,12 @@ def end_containers(directory: pathlib.Path, host: dict) -> None:
     # The manager's bridge and veths vanish with the host namespace; the
     # container namespaces are files in /run/netns and need removing.
     remove_manager_network(host["manager_id"])
+    # runc delete leaves the manager's parent cgroups; they are empty now.
+    for directory in cgroup_dirs(f"/berth/{host['manager_id']}"):
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            log.warning("lab host %d: cannot remove cgroup %s: %s", host["number"], directory, exc)
 
 
 # --- command line ------------------------------------------------------------

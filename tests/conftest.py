@@ -76,6 +76,32 @@ def run_prefix() -> str:
     return "t" + secrets.token_hex(3)
 
 
+def berth_host_resources() -> set[str]:
+    """Name every network namespace, link and manager cgroup berth may leave behind."""
+    found = set()
+    netns_dir = pathlib.Path("/run/netns")
+    if netns_dir.is_dir():
+        found.update(f"netns {entry.name}" for entry in netns_dir.iterdir() if entry.name.startswith("berth-"))
+    for link in pathlib.Path("/sys/class/net").iterdir():
+        if link.name.startswith(("berth-", "bv")):
+            found.add(f"link {link.name}")
+    for hierarchy in pathlib.Path("/sys/fs/cgroup").glob("*/berth"):
+        found.update(f"cgroup {entry}" for entry in hierarchy.iterdir() if entry.is_dir())
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """Fail the session when the tests leave a namespace, link or cgroup behind."""
+    if os.geteuid() != 0:
+        yield
+        return
+    before = berth_host_resources()
+    yield
+    left = sorted(berth_host_resources() - before)
+    assert not left, f"the tests left {len(left)} host resources behind: {left[:10]}"
+
+
 # ---------------------------------------------------------------------------
 # RabbitMQ
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from assistant.cgroups import cgroup_dirs
 from assistant.runtime import Runc
 from manager.network import remove_manager_network
 from messages.client import Client, ClientError
@@ -176,6 +177,16 @@ class ManagerProcess:
                     capture_output=True,
                 )
         remove_manager_network(self.manager_id)  # bridge, veths and namespaces
+        remove_manager_cgroups(self.manager_id)
+
+
+def remove_manager_cgroups(manager_id: str) -> None:
+    """Remove the manager's parent cgroups, which runc delete leaves behind."""
+    for directory in cgroup_dirs(f"/berth/{manager_id}"):
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            log.warning("cannot remove cgroup %s: %s", directory, exc)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:

@@ -20,6 +20,8 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from manager.network import remove_manager_network
+from tests.helpers import remove_manager_cgroups
 from messages import cli
 from messages.client import BrokerUnavailable, CommandFailed, NoManager, ReplyTimeout
 from messages.models import (
@@ -725,6 +727,8 @@ class ManagerRun:
             # The pid may have been reused by another program since.
             if b"assistant" in command_line and str(self.state_dir).encode() in command_line:
                 os.kill(pid, signal.SIGKILL)
+        remove_manager_network(self.manager_id)  # bridge, veths and namespaces
+        remove_manager_cgroups(self.manager_id)
 
 
 @pytest.fixture

@@ -234,7 +234,10 @@ def test_manager_sigkill_mid_create_then_sweep(manager):
 
     manager.start()
     # Creates the broker redelivers to the new manager may still run, so
-    # wait until every namespace left belongs to a container the manager lists.
+    # wait until the containers the manager lists stayed the same for two
+    # polls 2 s apart, and every namespace left belongs to one of them.
+    previous: dict[str, set[str]] = {}
+
     def settled() -> bool:
         with manager.client() as client:
             known = {
@@ -242,10 +245,12 @@ def test_manager_sigkill_mid_create_then_sweep(manager):
                 for info in client.request({"command": "list", "all": True}).containers
                 if info.state != ContainerState.DELETED
             }
+        stable = previous.get("known") == known
+        previous["known"] = known
         namespaces = manager_leftovers(manager.manager_id)[1]
-        return namespaces == {names.netns_name(manager.manager_id, cid) for cid in known}
+        return stable and namespaces == {names.netns_name(manager.manager_id, cid) for cid in known}
 
-    assert wait_until(settled, 30, interval=0.5), manager.log_tail()
+    assert wait_until(settled, 40, interval=2.0), manager.log_tail()
     with manager.client() as client:
         for info in client.request({"command": "list", "all": True}).containers:
             if info.state != ContainerState.DELETED:
