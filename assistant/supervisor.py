@@ -60,7 +60,15 @@ class AssistantExit(Exception):
     """The assistant cannot continue; the message names the cause."""
 
 
+def _transient_channel_error(exc: BaseException) -> bool:
+    # Right after a cluster node stops, declaring the control queue on
+    # another node can fail with 404 or 405 for a moment.
+    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code in (404, 405)
+
+
 def _retryable(exc: BaseException) -> bool:
+    if _transient_channel_error(exc):
+        return True
     # Wrong credentials do not fix themselves; retrying only delays the
     # error and keeps the workload unsupervised.
     return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
@@ -399,7 +407,7 @@ class Supervisor:
         )
         try:
             retrying(self._open_channel)
-        except pika.exceptions.AMQPConnectionError as exc:
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as exc:
             raise AssistantExit(f"cannot reach the broker: {exc!r}") from exc
 
     def _open_channel(self) -> None:
@@ -409,12 +417,16 @@ class Supervisor:
             blocked_connection_timeout=max(5.0, self.config.heartbeat_timeout),
         )
         connection = pika.BlockingConnection(parameters)
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-        control = names.control_queue(self.config.manager_id, self.id, self.config.token)
-        channel.queue_declare(control, exclusive=True, auto_delete=True)
-        channel.basic_consume(control, self._on_control, auto_ack=True)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+            control = names.control_queue(self.config.manager_id, self.id, self.config.token)
+            channel.queue_declare(control, exclusive=True, auto_delete=True)
+            channel.basic_consume(control, self._on_control, auto_ack=True)
+        except pika.exceptions.AMQPChannelError:
+            connection.close()
+            raise
         self.connection, self.channel = connection, channel
         log.info("container %s: connected to the broker", self.id)
 

@@ -21,6 +21,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -46,6 +47,7 @@ LOOPBACK = "127.0.0.1"
 SERVER_USER = "rabbitmq"
 STATE_FILE_NAME = "node.json"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+COOKIE_PATTERN = re.compile(r"^[A-Za-z0-9]{1,255}$")
 
 # By default the Erlang distribution listener binds to all interfaces. This
 # kernel setting binds the server's and rabbitmqctl's listener to loopback.
@@ -352,9 +354,23 @@ class PrivateNode:
     ``start`` returns the AMQP URL, ``stop`` ends every process that
     ``start`` created. The directory keeps the data between a stop and the
     next start under the same name.
+
+    By default the node gets a random Erlang cookie and starts its own epmd.
+    Nodes that form a cluster must share both, so ``PrivateCluster`` passes
+    ``cookie`` and the port of an epmd that it runs as ``epmd_port``. Such a
+    node neither starts nor stops an epmd.
     """
 
-    def __init__(self, base_dir: pathlib.Path, name: str | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: pathlib.Path,
+        name: str | None = None,
+        *,
+        cookie: str | None = None,
+        epmd_port: int | None = None,
+    ) -> None:
+        if cookie is not None and not COOKIE_PATTERN.match(cookie):
+            raise ValueError("invalid Erlang cookie: use 1 to 255 letters or digits")
         if name is None:
             name = "berth-" + secrets.token_hex(3)
         if not NAME_PATTERN.match(name):
@@ -366,8 +382,10 @@ class PrivateNode:
         self.url: str | None = None
         self.amqp_port: int | None = None
         self.dist_port: int | None = None
-        self.epmd_port: int | None = None
+        self.epmd_port: int | None = epmd_port
 
+        self._cookie = cookie
+        self._shared_epmd_port = epmd_port
         self._server_user: ServerUser | None = None
         self._server_process: subprocess.Popen[bytes] | None = None
         self._epmd_process: subprocess.Popen[bytes] | None = None
@@ -472,7 +490,11 @@ class PrivateNode:
         self._server_user = ServerUser.for_current_process()
         started_at = time.monotonic()
         self._prepare_directory()
-        self.amqp_port, self.dist_port, self.epmd_port = _free_loopback_ports(3)
+        if self._shared_epmd_port is None:
+            self.amqp_port, self.dist_port, self.epmd_port = _free_loopback_ports(3)
+        else:
+            self.amqp_port, self.dist_port = _free_loopback_ports(2)
+            self.epmd_port = self._shared_epmd_port
         self.url = f"amqp://guest:guest@{LOOPBACK}:{self.amqp_port}/%2F"
         logger.info(
             "starting RabbitMQ node %s in %s (AMQP port %d, distribution port %d, epmd port %d)",
@@ -484,7 +506,8 @@ class PrivateNode:
         )
 
         try:
-            self._start_epmd(epmd, deadline=started_at + timeout)
+            if self._shared_epmd_port is None:
+                self._start_epmd(epmd, deadline=started_at + timeout)
             self._start_server(scripts_dir)
             self._write_state()
             self._wait_until_ready(deadline=started_at + timeout, timeout=timeout)
@@ -526,11 +549,14 @@ class PrivateNode:
         (self.base_dir / "rabbitmq-env.conf").write_text("")
 
         cookie = self.home_dir / ".erlang.cookie"
+        if self._cookie is not None and cookie.exists() and cookie.read_text() != self._cookie:
+            # The file has mode 0400, so it is replaced rather than rewritten.
+            cookie.unlink()
         if not cookie.exists():
             # Erlang rejects a cookie file that others can read, hence mode 0400.
             descriptor = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(descriptor, "w") as cookie_file:
-                cookie_file.write(secrets.token_hex(20).upper())
+                cookie_file.write(self._cookie or secrets.token_hex(20).upper())
 
         if self._server_user is not None:
             _check_reachable(self.base_dir, self._server_user.uid, set(self._server_user.groups))
@@ -862,6 +888,246 @@ def _decode(output: bytes | str | None) -> str:
     if isinstance(output, bytes):
         return output.decode("utf-8", "replace")
     return output
+
+
+# ---------------------------------------------------------------------------
+# PrivateCluster
+# ---------------------------------------------------------------------------
+
+
+class PrivateCluster:
+    """A RabbitMQ cluster of ``PrivateNode`` instances on 127.0.0.1.
+
+    Erlang nodes find each other's distribution port through epmd, and a
+    connection between them needs the same cookie on both sides. The cluster
+    therefore runs one private epmd on a loopback port for all of its nodes
+    and gives each node the same random cookie. Node names are
+    ``NAME-1@localhost``, ``NAME-2@localhost`` and so on. The other nodes
+    join the first one.
+
+    Each node keeps its data in ``base_dir/node-N`` and the epmd writes its
+    output to ``base_dir/epmd.log``. ``stop_app`` and ``start_app`` stop and
+    start RabbitMQ on one node while its Erlang VM, and so its ports, stay up.
+    """
+
+    def __init__(self, base_dir: pathlib.Path, size: int = 3, name: str | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"invalid cluster size {size}: a cluster needs at least 1 node")
+        if name is None:
+            name = "berth-" + secrets.token_hex(3)
+        # The node names append "-N", so the prefix must leave room for it.
+        if not NAME_PATTERN.match(f"{name}-{size}"):
+            raise ValueError(
+                f"invalid cluster name {name!r}: use at most 60 letters, digits, '_' or '-'"
+            )
+
+        self.base_dir = pathlib.Path(base_dir).absolute()
+        self.name = name
+        self.size = size
+        self.epmd_port: int | None = None
+        self.nodes: list[PrivateNode] = []
+        self._epmd_process: subprocess.Popen[bytes] | None = None
+        self._epmd_ref: ProcessRef | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """The AMQP URLs of the nodes, in node order, or an empty list before ``start``."""
+        return [node.url for node in self.nodes if node.url is not None]
+
+    @property
+    def epmd_log_file(self) -> pathlib.Path:
+        return self.base_dir / "epmd.log"
+
+    def start(self, timeout: float = 180.0) -> list[str]:
+        """Start the nodes, join them into one cluster and return their AMQP URLs.
+
+        Blocks until ``cluster_status`` on the first node lists every node as
+        running. Raises NodeStartError when that takes longer than ``timeout``
+        seconds, and stops everything that was started when any step fails.
+        """
+        if self._epmd_ref is not None and self._epmd_ref.is_alive():
+            raise RabbitMQNodeError(f"cluster {self.name} in {self.base_dir} is already running")
+        # NOTE: only a start in an empty directory has been tried. A second
+        # start reuses the nodes' Mnesia data, with a new cookie and new ports.
+
+        started_at = time.monotonic()
+        deadline = started_at + timeout
+        self.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        server_user = ServerUser.for_current_process()
+        if server_user is not None:
+            _check_reachable(self.base_dir, server_user.uid, set(server_user.groups))
+            # The nodes run as the server user, which must enter this
+            # directory to reach their own, as with a PrivateNode's directory.
+            os.lchown(self.base_dir, server_user.uid, server_user.gid)
+
+        cookie = secrets.token_hex(20).upper()
+        (self.epmd_port,) = _free_loopback_ports(1)
+        self.nodes = [
+            PrivateNode(
+                self.base_dir / f"node-{number}",
+                f"{self.name}-{number}",
+                cookie=cookie,
+                epmd_port=self.epmd_port,
+            )
+            for number in range(1, self.size + 1)
+        ]
+        logger.info(
+            "starting RabbitMQ cluster %s of %d nodes in %s (epmd port %d)",
+            self.name,
+            self.size,
+            self.base_dir,
+            self.epmd_port,
+        )
+
+        try:
+            self._start_epmd(server_user, deadline)
+            self._start_nodes(deadline)
+            self._join_nodes(deadline)
+            self.wait_for_running_nodes(self.size, timeout=max(deadline - time.monotonic(), 1.0))
+        except BaseException:
+            self.stop()
+            raise
+
+        logger.info(
+            "RabbitMQ cluster %s of %d nodes is ready after %.1f s",
+            self.name,
+            self.size,
+            time.monotonic() - started_at,
+        )
+        return self.urls
+
+    def _start_epmd(self, server_user: ServerUser | None, deadline: float) -> None:
+        epmd = _find_epmd()
+        user_kwargs = server_user.popen_kwargs() if server_user is not None else {}
+        # The epmd writes nothing that the server user would need to reopen,
+        # so the log file may stay owned by the caller.
+        with self.epmd_log_file.open("ab") as output:
+            self._epmd_process = subprocess.Popen(
+                [epmd, "-port", str(self.epmd_port), "-address", LOOPBACK],
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+                cwd=self.base_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **user_kwargs,
+            )
+        self._epmd_ref = ProcessRef.of(self._epmd_process.pid)
+
+        assert self.epmd_port is not None
+        epmd_deadline = min(deadline, time.monotonic() + 10.0)
+        while not _port_accepts(self.epmd_port):
+            if self._epmd_process.poll() is not None:
+                raise NodeStartError(
+                    f"epmd of cluster {self.name} on port {self.epmd_port} exited with code "
+                    f"{self._epmd_process.returncode}. Output:\n{tail(self.epmd_log_file)}"
+                )
+            if time.monotonic() >= epmd_deadline:
+                raise NodeStartError(
+                    f"epmd of cluster {self.name} did not accept connections on port "
+                    f"{self.epmd_port} within 10 s"
+                )
+            time.sleep(0.02)
+
+    def _start_nodes(self, deadline: float) -> None:
+        """Start all nodes at once, because each spends most of its start waiting."""
+        timeout = max(deadline - time.monotonic(), 1.0)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self.nodes)) as executor:
+            futures = [executor.submit(node.start, timeout) for node in self.nodes]
+        # Every start has finished here, so a failure leaves no node half started.
+        for future in futures:
+            future.result()
+
+    def _join_nodes(self, deadline: float) -> None:
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            timeout = max(deadline - time.monotonic(), 1.0)
+            node.ctl("stop_app", timeout=timeout)
+            node.ctl("join_cluster", first.nodename, timeout=timeout)
+            node.ctl("start_app", timeout=timeout)
+            logger.info("RabbitMQ node %s joined %s", node.nodename, first.nodename)
+
+    def running_nodes(self, index: int = 0) -> list[str]:
+        """Return the running cluster members as node ``index`` reports them in ``cluster_status``."""
+        completed = self.nodes[index].ctl("cluster_status", "--formatter", "json")
+        status = json.loads(completed.stdout)
+        return sorted(status.get("running_nodes", []))
+
+    def wait_for_running_nodes(self, count: int, timeout: float = 60.0, index: int = 0) -> None:
+        """Poll ``cluster_status`` on node ``index`` until ``count`` nodes run.
+
+        Raises NodeStartError with the last reported members after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        running: list[str] = []
+        while True:
+            try:
+                running = self.running_nodes(index)
+            except (CtlError, json.JSONDecodeError) as error:
+                logger.debug(
+                    "cluster_status on %s failed, retrying: %s", self.nodes[index].nodename, error
+                )
+            if len(running) == count:
+                return
+            if time.monotonic() >= deadline:
+                raise NodeStartError(
+                    f"cluster {self.name} has {len(running)} running nodes "
+                    f"({', '.join(running) or 'none'}) after {timeout:.0f} s, expected {count}"
+                )
+            time.sleep(0.5)
+
+    def stop_app(self, index: int, timeout: float = 60.0) -> None:
+        """Stop RabbitMQ on node ``index`` and keep its Erlang VM running, as a node outage."""
+        self.nodes[index].ctl("stop_app", timeout=timeout)
+
+    def start_app(self, index: int, timeout: float = 60.0) -> None:
+        """Start RabbitMQ again on node ``index`` after ``stop_app``."""
+        self.nodes[index].ctl("start_app", timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every node, then the cluster's epmd. Stopping a cluster that does not run does nothing.
+
+        Each node gets up to ``timeout`` seconds. A node that fails to stop
+        does not keep the others running, and the first error is raised at the end.
+        """
+        errors: list[RabbitMQNodeError] = []
+        for node in reversed(self.nodes):
+            try:
+                node.stop(timeout=timeout)
+            except RabbitMQNodeError as error:
+                logger.exception("stopping RabbitMQ node %s failed", node.nodename)
+                errors.append(error)
+
+        if self._epmd_ref is not None:
+            try:
+                _terminate([self._epmd_ref], timeout=5.0, what=f"epmd of cluster {self.name}")
+            except RabbitMQNodeError as error:
+                logger.exception("stopping the epmd of RabbitMQ cluster %s failed", self.name)
+                errors.append(error)
+        if self._epmd_process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._epmd_process.wait(timeout=1.0)
+        self._epmd_ref = None
+        self._epmd_process = None
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> PrivateCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"PrivateCluster(base_dir={str(self.base_dir)!r}, name={self.name!r}, size={self.size})"
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -71,10 +71,21 @@ class ManagerIdInUse(Exception):
     """Another connection holds this manager id's lock queue."""
 
 
+def transient_channel_error(exc: BaseException) -> bool:
+    """Tell whether a declaration failed only because a cluster node just stopped.
+
+    A classic queue lives on the node where it was declared. For a short
+    while after that node stops, declaring it on another node fails with
+    404 NOT_FOUND (or 405 RESOURCE_LOCKED for an exclusive queue of a
+    connection that node has not dropped yet); a later attempt succeeds.
+    """
+    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code in (404, 405)
+
+
 def _retryable(exc: BaseException) -> bool:
     # A manager id in use is retried: after a crash of the previous manager
     # the broker may not have noticed its closed connection yet.
-    if isinstance(exc, ManagerIdInUse):
+    if isinstance(exc, ManagerIdInUse) or transient_channel_error(exc):
         return True
     return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
         exc,
@@ -205,8 +216,9 @@ class Broker:
         except pika.exceptions.AMQPChannelError as exc:
             raise BrokerError(
                 f"declaring berth's exchanges and queues at {redact(url)} failed: {exc!r}."
-                " An exchange or queue of the same name exists with other arguments;"
-                " delete it (rabbitmqctl delete_queue NAME) and start again"
+                " Either one of them exists with other arguments (delete it with"
+                " rabbitmqctl delete_queue NAME and start again), or the cluster node"
+                " holding it stayed down for the whole --connect-timeout"
             ) from exc
 
     def _open(self) -> None:
@@ -217,8 +229,13 @@ class Broker:
             self.config.amqp_url, connection_attempts=1, blocked_connection_timeout=10.0
         )
         connection = pika.BlockingConnection(parameters)
-        self._take_lock(connection)
-        self._declare(connection)
+        try:
+            self._take_lock(connection)
+            self._declare(connection)
+        except pika.exceptions.AMQPChannelError:
+            if connection.is_open:
+                connection.close()
+            raise
         self._connection = connection
         self.generation += 1
         self.connected.set()
@@ -257,7 +274,11 @@ class Broker:
         setup.exchange_declare(names.COMMAND_EXCHANGE, "direct", durable=True)
         setup.exchange_declare(names.EVENT_EXCHANGE, "topic", durable=True)
         setup.exchange_declare(names.DEAD_LETTER_EXCHANGE, "fanout", durable=True)
-        setup.queue_declare(names.DEAD_LETTER_QUEUE, durable=True)
+        # Quorum, like the command queue: a classic queue would live on one
+        # node only and be unreachable while that node is down.
+        setup.queue_declare(
+            names.DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
         setup.queue_bind(names.DEAD_LETTER_QUEUE, names.DEAD_LETTER_EXCHANGE)
         command_queue = names.command_queue(manager_id)
         # A quorum queue survives the loss of a cluster node, and counts
