@@ -105,7 +105,7 @@ def test_delete_twice_succeeds(manager):
 
 
 def test_manager_sigkill_kills_no_workload(manager):
-    count = 10
+    count = 20
     with manager.client() as client:
         pids = {}
         for number in range(count):
@@ -230,7 +230,7 @@ def test_broker_restart_kills_nothing(rabbitmq_node, amqp_url, run_prefix, tmp_p
                 client.request(
                     {"command": "run", "id": f"calm{number}", "argv": ["sleep", "infinity"]}
                 ).container.pid
-                for number in range(5)
+                for number in range(20)
             ]
         rabbitmq_node.ctl("stop_app")
         time.sleep(3)
