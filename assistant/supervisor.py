@@ -39,7 +39,7 @@ from assistant.ports import PortForwarders
 from assistant.reaper import InitWatcher, become_subreaper, decode_status
 from assistant.runtime import Runc, RuncError
 from messages import names
-from messages.brokers import connection_parameters
+from messages.brokers import connection_parameters, retryable_broker_error
 from messages.models import (
     AssistantStatus,
     ControlOrder,
@@ -60,26 +60,6 @@ class AssistantExit(Exception):
     """The assistant cannot continue; the message names the cause."""
 
 
-def _transient_channel_error(exc: BaseException) -> bool:
-    # Right after a cluster node stops, declaring the control queue on
-    # another node can fail with 404 or 405 for a moment.
-    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code in (404, 405)
-
-
-def _retryable(exc: BaseException) -> bool:
-    if _transient_channel_error(exc):
-        return True
-    # Wrong credentials do not fix themselves; retrying only delays the
-    # error and keeps the workload unsupervised.
-    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
-        exc,
-        (
-            pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.ProbableAccessDeniedError,
-        ),
-    )
-
-
 class Supervisor:
     def __init__(self, config: AssistantConfig):
         self.config = config
@@ -98,6 +78,7 @@ class Supervisor:
         self.exited_at: float | None = None
 
         self.last_reply = time.monotonic()
+        self.control_queue: str | None = None
         self.epoch = 0
         """Newest manager epoch seen in a heartbeat reply."""
         self.connection: pika.BlockingConnection | None = None
@@ -391,7 +372,9 @@ class Supervisor:
     def connect(self, budget: float) -> None:
         """Open the connection, retrying with backoff for at most ``budget`` s."""
         retrying = Retrying(
-            retry=retry_if_exception(_retryable),
+            # Wrong credentials are not retried: that only delays the error
+            # and keeps the workload unsupervised.
+            retry=retry_if_exception(retryable_broker_error),
             wait=wait_exponential_jitter(
                 multiplier=0.2, max=self.config.reconnect_cap(), jitter=0.1
             ),
@@ -421,9 +404,12 @@ class Supervisor:
             channel = connection.channel()
             channel.confirm_delivery()
             channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-            control = names.control_queue(self.config.manager_id, self.id, self.config.token)
-            channel.queue_declare(control, exclusive=True, auto_delete=True)
-            channel.basic_consume(control, self._on_control, auto_ack=True)
+            # A broker-named queue, new for every connection: a fixed name
+            # could stay locked by the old connection for as long as the
+            # cluster node holding it is down. Heartbeats carry the name.
+            declared = channel.queue_declare("", exclusive=True, auto_delete=True)
+            self.control_queue = declared.method.queue
+            channel.basic_consume(self.control_queue, self._on_control, auto_ack=True)
         except pika.exceptions.AMQPChannelError:
             connection.close()
             raise
@@ -460,6 +446,7 @@ class Supervisor:
             container_id=self.id,
             assistant_pid=os.getpid(),
             token=self.config.token,
+            control_queue=self.control_queue,
             status=self.status,
             pid=self.pid,
             exit=self.exit,

@@ -27,7 +27,8 @@ from tenacity import (
 from manager.config import ManagerConfig
 from manager.store import Store
 from messages import names
-from messages.brokers import connection_parameters, redact_url as redact
+from messages.brokers import connection_parameters, retryable_broker_error
+from messages.brokers import redact_url as redact
 from messages.models import ControlOrder, ErrorCode, ErrorInfo, HeartbeatReply, Reply
 
 log = logging.getLogger(__name__)
@@ -71,29 +72,10 @@ class ManagerIdInUse(Exception):
     """Another connection holds this manager id's lock queue."""
 
 
-def transient_channel_error(exc: BaseException) -> bool:
-    """Tell whether a declaration failed only because a cluster node just stopped.
-
-    A classic queue lives on the node where it was declared. For a short
-    while after that node stops, declaring it on another node fails with
-    404 NOT_FOUND (or 405 RESOURCE_LOCKED for an exclusive queue of a
-    connection that node has not dropped yet); a later attempt succeeds.
-    """
-    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code in (404, 405)
-
-
 def _retryable(exc: BaseException) -> bool:
     # A manager id in use is retried: after a crash of the previous manager
     # the broker may not have noticed its closed connection yet.
-    if isinstance(exc, ManagerIdInUse) or transient_channel_error(exc):
-        return True
-    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
-        exc,
-        (
-            pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.ProbableAccessDeniedError,
-        ),
-    )
+    return isinstance(exc, ManagerIdInUse) or retryable_broker_error(exc)
 
 
 class Broker:
@@ -435,9 +417,8 @@ class Broker:
         else:
             self._commands.basic_reject(delivery_tag, requeue=False)
 
-    def send_order(self, container_id: str, token: str, order: ControlOrder) -> None:
-        """Publish an order to the assistant ``token``; serving thread only."""
-        queue = names.control_queue(self.config.manager_id, container_id, token)
+    def send_order(self, container_id: str, queue: str, order: ControlOrder) -> None:
+        """Publish an order to an assistant's control ``queue``; serving thread only."""
         try:
             self._confirmed.basic_publish(
                 "",

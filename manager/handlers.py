@@ -8,6 +8,7 @@ on one container run one at a time, in arrival order per worker.
 import logging
 import os
 import shutil
+import time
 import uuid
 
 from assistant.cgroups import cgroup_dirs
@@ -50,6 +51,9 @@ environment variable ends the manager process at once, as a crash would."""
 
 START_TIMEOUT = 30.0
 """Seconds a start waits for the assistant to report the workload running."""
+
+ORDER_TIMEOUT = 10.0
+"""Seconds an order waits for the assistant to name a control queue that exists."""
 
 KILL_TIMEOUT = 10.0
 """Seconds to wait for an exit after SIGKILL before cleaning up by hand."""
@@ -272,11 +276,38 @@ class Handlers:
             )
 
     def _send_order(self, container_id: str, order: ControlOrder) -> None:
-        token = self._require(container_id).assistant_token
-        try:
-            self.broker.call(lambda: self.broker.send_order(container_id, token, order))
-        except OrderUndeliverable as exc:
-            raise CommandError(ErrorCode.UNAVAILABLE, str(exc)) from None
+        """Deliver an order to the container's assistant, or raise UNAVAILABLE.
+
+        An assistant declares a new control queue at every reconnect and
+        names it in its next heartbeat, so an order that finds no queue is
+        sent again once a heartbeat brings a new name, for up to
+        ORDER_TIMEOUT seconds.
+        """
+        self._require(container_id)
+        deadline = time.monotonic() + ORDER_TIMEOUT
+        with self.registry.lock:
+            queue = self.registry.control_queues.get(container_id)
+        while True:
+            if queue is not None:
+                try:
+                    self.broker.call(lambda: self.broker.send_order(container_id, queue, order))
+                    return
+                except OrderUndeliverable as exc:
+                    log.info("container %s: %s; waiting for its next heartbeat", container_id, exc)
+            remaining = deadline - time.monotonic()
+            renamed = remaining > 0 and self.registry.wait_for(
+                container_id,
+                lambda record, pending: self.registry.control_queues.get(container_id) != queue,
+                remaining,
+            )
+            if not renamed:
+                raise CommandError(
+                    ErrorCode.UNAVAILABLE,
+                    f"the assistant of container {container_id!r} is not connected to the"
+                    f" broker: no control queue of it for {ORDER_TIMEOUT:.0f} s",
+                )
+            with self.registry.lock:
+                queue = self.registry.control_queues.get(container_id)
 
     # --- stop, kill, delete -----------------------------------------------
 

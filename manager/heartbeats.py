@@ -48,6 +48,9 @@ def _answer(registry: Registry, beat: Heartbeat, adopting: bool) -> HeartbeatRep
                 container_id,
             )
             return HeartbeatReply(verdict=Verdict.NACK)
+        if beat.control_queue and registry.control_queues.get(container_id) != beat.control_queue:
+            registry.control_queues[container_id] = beat.control_queue
+            registry.changed.notify_all()  # an order may be waiting for it
         if pending is not None:
             pending.status = beat.status
             pending.pid = beat.pid

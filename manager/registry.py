@@ -49,6 +49,8 @@ class Registry:
         # counts as one, so reloaded containers get a full lost_after window.
         self.last_heartbeat: dict[str, float] = dict.fromkeys(self.records, time.monotonic())
         self._command_locks: dict[str, threading.Lock] = {}
+        # The control queue each assistant named in its latest heartbeat.
+        self.control_queues: dict[str, str] = {}
 
     def command_lock(self, container_id: str) -> threading.Lock:
         """Return the lock that serializes commands on one container."""

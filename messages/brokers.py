@@ -6,6 +6,33 @@ so a connection goes to the first node that answers.
 """
 
 import pika
+import pika.exceptions
+
+AUTHENTICATION_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.ProbableAccessDeniedError,
+)
+"""Connection errors that retrying cannot fix: wrong user, password or vhost."""
+
+
+def transient_channel_error(exc: BaseException) -> bool:
+    """Tell whether a declaration failed only because a cluster node just stopped.
+
+    A classic queue lives on the node where it was declared. For a short
+    while after that node stops, declaring it on another node fails with
+    404 NOT_FOUND (or 405 RESOURCE_LOCKED for an exclusive queue of a
+    connection that node has not dropped yet); a later attempt succeeds.
+    """
+    return isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code in (404, 405)
+
+
+def retryable_broker_error(exc: BaseException) -> bool:
+    """Tell whether connecting again later may succeed where ``exc`` failed."""
+    if transient_channel_error(exc):
+        return True
+    return isinstance(exc, pika.exceptions.AMQPConnectionError) and not isinstance(
+        exc, AUTHENTICATION_ERRORS
+    )
 
 
 def split_urls(urls: str) -> list[str]:

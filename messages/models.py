@@ -363,6 +363,11 @@ class Heartbeat(Model):
     container_id: str
     assistant_pid: int
     token: str = Field(description="the assistant's id, new for every assistant started")
+    control_queue: str | None = Field(
+        default=None,
+        description="the broker-named queue this assistant takes orders from;"
+        " new at every reconnect",
+    )
     status: AssistantStatus
     pid: int | None = None
     exit: ExitInfo | None = None

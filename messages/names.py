@@ -43,15 +43,5 @@ def lock_queue(manager_id: str) -> str:
     return f"berth.lock.{manager_id}"
 
 
-def control_queue(manager_id: str, container_id: str, token: str) -> str:
-    """Return the queue an assistant consumes start, stop and kill orders from.
-
-    ``token`` is the assistant's own id, new for every assistant the manager
-    starts, so that a stale assistant of an earlier create of the same
-    container id never receives the orders of the current one.
-    """
-    return f"berth.control.{manager_id}.{container_id}.{token}"
-
-
 def event_routing_key(manager_id: str, container_id: str, event: str) -> str:
     return f"{manager_id}.{container_id}.{event}"

@@ -20,7 +20,7 @@ from deploy.rabbitmq import PrivateCluster, RabbitMQNotInstalledError
 from messages.client import Client
 from messages.models import ContainerState
 from tests.conftest import make_node_dir
-from tests.helpers import ManagerProcess, pid_alive
+from tests.helpers import ManagerProcess, pid_alive, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -121,6 +121,14 @@ def test_manager_fails_over_on_node_stop(cluster, run_prefix, tmp_path):
             cluster.start_app(0)
             node_1_stopped = False
             cluster.wait_for_running_nodes(3)
+
+            # Heartbeats may have paused long enough for lost; once every
+            # assistant has reconnected, both containers are running again.
+            def both_running() -> bool:
+                listed = {info.id: info.state for info in client.request({"command": "list"}).containers}
+                return all(listed.get(cid) == ContainerState.RUNNING for cid in ("fail1", "fail2"))
+
+            assert wait_until(both_running, 30), manager.log_tail()
             drain_events(events, received)
 
         ids = [event.event_id for event in received]
