@@ -192,6 +192,7 @@ class Handlers:
             assistant_pid = self.assistants.spawn(assistant_config)
             pending = self._wait_for_create(container_id, assistant_pid, paths)
         except BaseException:
+            self._remove_dir(paths)
             self.network.detach(container_id)
             raise
         finally:
@@ -203,7 +204,8 @@ class Handlers:
             self.network.detach(container_id)
             raise CommandError(
                 ErrorCode.CREATE_FAILED,
-                f"container {container_id!r} could not be created: {pending.error}",
+                f"container {container_id!r} could not be created: "
+                f"{pending.error or 'the assistant reported no error text'}",
             )
         info = ContainerInfo(
             id=container_id,
