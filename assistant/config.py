@@ -1,4 +1,4 @@
-"""What the manager tells an assistant, and where a container's files live."""
+"""The settings the manager writes for an assistant, and a container's file paths."""
 
 from pathlib import Path
 

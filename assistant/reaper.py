@@ -47,9 +47,9 @@ class InitWatcher:
         readable, _, _ = select.select([self._pidfd], [], [], timeout)
         status = self.reap_orphans()
         if status is None and readable:
-            # Readable but not yet collectable cannot happen for a child;
-            # the next call collects it.
-            log.debug("pidfd of %d readable before waitpid collected it", self.init_pid)
+            # NOTE: only a waiter outside children_lock could have taken the
+            # status; then the pidfd stays readable and this loop spins.
+            log.debug("pidfd of %d readable but its status was not collected", self.init_pid)
         return status
 
     def reap_orphans(self) -> int | None:

@@ -36,7 +36,7 @@ class ManagerConfig:
     """Seconds without a heartbeat after which a container becomes lost."""
 
     spawn_mode: str = "fork"
-    """How assistants start: "fork" from the fork server that imported
+    """The way assistants start: "fork" from the fork server that imported
     their code once (fast, small), or "exec" as a new interpreter each."""
 
     workers: int = 8

@@ -38,7 +38,12 @@ def _answer(registry: Registry, beat: Heartbeat, adopting: bool) -> HeartbeatRep
     with registry.lock:
         pending = registry.pending.get(container_id)
         record = registry.get(container_id)
-        current = pending.token if pending is not None else record.assistant_token if record else None
+        if pending is not None:
+            current = pending.token
+        elif record is not None:
+            current = record.assistant_token
+        else:
+            current = None
         if current and beat.token != current:
             # An assistant of an earlier create of this id, for instance one
             # whose manager crashed before it stored the container.

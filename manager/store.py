@@ -44,7 +44,7 @@ REPLY_RETENTION = 7 * 24 * 3600.0
 
 
 class ContainerRecord(BaseModel):
-    """What the manager stores about one container."""
+    """The manager's stored data about one container."""
 
     info: ContainerInfo
     spec: CreateSpec

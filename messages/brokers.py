@@ -2,7 +2,7 @@
 
 Every party accepts a comma-separated list of AMQP URLs. pika's
 BlockingConnection takes a list of parameters and tries them in order,
-so a connection goes to the first node that answers.
+so a connection goes to the first node that accepts it.
 """
 
 import pika

@@ -98,7 +98,7 @@ class ManagerProcess:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until the manager answers a list command."""
+        """Wait until the manager replies to a list command."""
         deadline = time.monotonic() + timeout
         while True:
             assert self.process is not None
