@@ -37,6 +37,7 @@ from messages.client import (
     ClientError,
     CommandFailed,
     NoManager,
+    check_queue_name,
     default_manager_id,
 )
 from messages.models import (
@@ -843,20 +844,32 @@ def check_pattern(pattern: str) -> None:
     type=click.IntRange(min=1),
     help="Exit after N events; default: follow until Ctrl-C.",
 )
+@click.option(
+    "--queue",
+    metavar="NAME",
+    help="Read from a durable queue of this name, which keeps events while"
+    " nobody reads them (between runs, during a broker outage).",
+)
 @json_option
 @click.pass_context
-def events(ctx: click.Context, pattern: str, count: int | None) -> None:
+def events(ctx: click.Context, pattern: str, count: int | None, queue: str | None) -> None:
     """Follow container events and print them as they arrive.
 
     Only events whose routing key matches PATTERN are shown.
 
     Routing keys are MANAGER.CONTAINER.EVENT. In PATTERN, "*" matches one
     word and "#" matches zero or more, e.g. "host-a.#" or "*.*.exited".
-    Events published before this command subscribes are not shown.
+    Without --queue, events published before this command subscribes, or
+    while its connection is down, are not shown.
     """
     check_pattern(pattern)
+    if queue is not None:
+        try:
+            check_queue_name(queue)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--queue") from None
     client = open_client(ctx)
-    subscription = client.subscribe(pattern)
+    subscription = client.subscribe(pattern, queue=queue)
     json_output = ctx.find_object(Settings).json_output
     # Printed once the queue is bound, so scripts may start the events they wait for.
     click.echo(f"berth: following events matching {pattern!r}; press Ctrl-C to stop", err=True)

@@ -105,6 +105,7 @@ class Client:
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         self._replies: dict[str, bytes] = {}
+        self._subscriptions: list[Subscription] = []
         try:
             self._connect()
         except pika.exceptions.AMQPConnectionError as exc:
@@ -120,6 +121,18 @@ class Client:
         # sent before any manager ever ran fails with NoManager, not a 404.
         self._channel.exchange_declare(names.COMMAND_EXCHANGE, "direct", durable=True)
         self._channel.basic_consume(names.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+        for subscription in self._subscriptions:
+            subscription._open()
+
+    def _retrying(self, before_sleep) -> Retrying:
+        """Retry a lost connection with backoff for up to ``reconnect_timeout`` s."""
+        return Retrying(
+            retry=retry_if_exception(_reconnectable),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
+            stop=stop_after_delay(self.reconnect_timeout),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
 
     def __enter__(self) -> "Client":
         return self
@@ -154,15 +167,8 @@ class Client:
         repeated command does not run twice.
         """
         target = manager_id or self.manager_id
-        retrying = Retrying(
-            retry=retry_if_exception(_reconnectable),
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5),
-            stop=stop_after_delay(self.reconnect_timeout),
-            before_sleep=self._reconnect_before_retry,
-            reraise=True,
-        )
         try:
-            return retrying(self._publish_and_wait, body, correlation_id, target, timeout)
+            return self._retrying(self._reconnect_before_retry)(self._publish_and_wait, body, correlation_id, target, timeout)
         except pika.exceptions.AMQPError as exc:
             raise BrokerUnavailable(f"sending to manager {target!r} failed: {exc!r}") from exc
 
@@ -224,24 +230,63 @@ class Client:
 
     # --- events -----------------------------------------------------------
 
-    def subscribe(self, pattern: str = "#") -> "Subscription":
-        """Bind a private queue to the event exchange with a topic pattern."""
-        return Subscription(self, pattern)
+    def subscribe(self, pattern: str = "#", queue: str | None = None) -> "Subscription":
+        """Follow events whose routing key matches the topic ``pattern``.
+
+        Without ``queue``, events go to a private queue that lives as long
+        as the connection: events published while the client is
+        disconnected are missed. With ``queue``, a durable queue of that
+        name keeps them until the next subscription with the same name
+        reads them, also across client restarts. Delete it with
+        ``rabbitmqctl delete_queue NAME`` when no longer needed.
+        """
+        subscription = Subscription(self, pattern, queue)
+        self._subscriptions.append(subscription)
+        return subscription
 
 
 _event_adapter = TypeAdapter(Event)
 
 
-class Subscription:
-    """Events matching one binding pattern, read on the client's connection."""
+def check_queue_name(name: str) -> None:
+    """Raise ValueError for a name that RabbitMQ would refuse for an event queue."""
+    if not name or name.startswith("amq.") or len(name.encode()) > 255:
+        raise ValueError(
+            f"{name!r} is not a usable queue name: give a non-empty name of at most"
+            " 255 bytes that does not start with 'amq.'"
+        )
 
-    def __init__(self, client: Client, pattern: str):
+
+class Subscription:
+    """Events matching one binding pattern, read on the client's connection.
+
+    When the connection is lost, :meth:`get` reconnects the client and binds
+    the queue again, for up to the client's ``reconnect_timeout``.
+    """
+
+    def __init__(self, client: Client, pattern: str, queue: str | None = None):
+        if queue is not None:
+            check_queue_name(queue)
         self._client = client
+        self.pattern = pattern
+        self.durable_queue = queue
         self._events: collections.deque[Event] = collections.deque()
-        channel = client._connection.channel()
+        self._channel = None
+        self._open()
+
+    def _open(self) -> None:
+        """Declare and bind the queue and start consuming; also after a reconnect."""
+        channel = self._client._connection.channel()
         channel.exchange_declare(names.EVENT_EXCHANGE, "topic", durable=True)
-        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        channel.queue_bind(queue, names.EVENT_EXCHANGE, routing_key=pattern)
+        if self.durable_queue is None:
+            queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        else:
+            # Quorum, like the command queues: it stays readable while one
+            # cluster node is down.
+            queue = channel.queue_declare(
+                self.durable_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            ).method.queue
+        channel.queue_bind(queue, names.EVENT_EXCHANGE, routing_key=self.pattern)
         channel.basic_consume(queue, self._on_event, auto_ack=True)
         self._channel = channel
 
@@ -258,8 +303,25 @@ class Subscription:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            self._client._connection.process_data_events(time_limit=min(remaining, 0.5))
+            try:
+                self._client._retrying(self._reconnect_before_retry)(self._wait, remaining)
+            except pika.exceptions.AMQPError as exc:
+                raise BrokerUnavailable(
+                    f"following events {self.pattern!r} failed: {exc!r}"
+                ) from exc
         return self._events.popleft()
+
+    def _wait(self, remaining: float) -> None:
+        self._client._connection.process_data_events(time_limit=min(remaining, 0.5))
+
+    def _reconnect_before_retry(self, state: RetryCallState) -> None:
+        if self.durable_queue is None:
+            log.warning(
+                "event subscription %r lost its connection; events published until"
+                " it is bound again are missed",
+                self.pattern,
+            )
+        self._client._reconnect_before_retry(state)
 
     def __iter__(self) -> Iterator[Event]:
         """Follow events forever."""
@@ -269,6 +331,7 @@ class Subscription:
                 yield event
 
     def close(self) -> None:
-        if self._channel.is_open:
+        if self in self._client._subscriptions:
+            self._client._subscriptions.remove(self)
+        if self._channel is not None and self._channel.is_open:
             self._channel.close()
-

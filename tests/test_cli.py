@@ -65,6 +65,7 @@ class FakeBroker:
         self.commands: list = []
         self.connections: list[dict] = []
         self.patterns: list[str] = []
+        self.event_queues: list[str | None] = []
         self.closed = 0
 
     def make_client(self, url: str, manager_id: str | None, timeout: float):
@@ -86,8 +87,9 @@ class FakeClient:
             return outcome
         return Reply(ok=True, container=make_info(getattr(command, "id", "c1")))
 
-    def subscribe(self, pattern: str) -> FakeSubscription:
+    def subscribe(self, pattern: str, queue: str | None = None) -> FakeSubscription:
         self.broker.patterns.append(pattern)
+        self.broker.event_queues.append(queue)
         return FakeSubscription(self.broker.events)
 
     def close(self) -> None:
@@ -506,6 +508,25 @@ def test_events_count_and_json(runner, broker):
     assert broker.patterns == ["#"]
     received = [Event.model_validate_json(line) for line in result.stdout.splitlines()]
     assert received == broker.events[:2]
+    assert broker.event_queues == [None]
+
+
+def test_events_named_queue(runner, broker):
+    broker.events = make_events()
+
+    result = berth(runner, "events", "--queue", "audit", "--count", "1")
+
+    assert result.exit_code == 0, result.output
+    assert broker.event_queues == ["audit"]
+
+
+@pytest.mark.parametrize("name", ["", "amq.mine", "q" * 256])
+def test_events_unusable_queue_name(runner, broker, name):
+    result = berth(runner, "events", "--queue", name)
+
+    assert result.exit_code == 2
+    assert "--queue" in result.stderr and "not a usable queue name" in result.stderr
+    assert broker.patterns == []
 
 
 # --- errors and global options -------------------------------------------------------

@@ -285,6 +285,48 @@ def test_cut_connections_recover(amqp_url, run_prefix, tmp_path):
         proxy.close()
 
 
+def _events_of(subscription, container_id: str, quiet: float = 3.0) -> list[str]:
+    return [event.event for event in drain_events(subscription, quiet) if event.container_id == container_id]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["private-queue", "named-queue"])
+def test_subscription_survives_outage(amqp_url, manager, durable):
+    """A subscriber binds again after its connection is lost; a named queue also keeps
+    the events published while it was away."""
+    target = pika.URLParameters(amqp_url)
+    proxy = TcpProxy(target.host, target.port)
+    queue = f"events-{manager.manager_id}" if durable else None
+    try:
+        with Client(proxy.url(), manager.manager_id) as watcher, manager.client() as client:
+            subscription = watcher.subscribe(f"{manager.manager_id}.#", queue=queue)
+            client.request({"command": "create", "id": "before", "argv": ["true"]})
+            assert _events_of(subscription, "before") == ["created"]
+
+            proxy.refuse = True
+            assert proxy.cut() == 1
+            client.request({"command": "create", "id": "during", "argv": ["true"]})
+            proxy.refuse = False
+
+            client.request({"command": "create", "id": "after", "argv": ["true"]})
+            seen = drain_events(subscription, 5.0)
+            # The reconnect happens inside get(): the "after" event can only be
+            # delivered once the queue is bound again.
+            seen += drain_events(subscription, 3.0)
+            by_container = {event.container_id for event in seen}
+            if durable:
+                assert {"during", "after"} <= by_container
+            else:
+                assert "during" not in by_container
+                client.request({"command": "create", "id": "later", "argv": ["true"]})
+                assert _events_of(subscription, "later") == ["created"]
+            subscription.close()
+    finally:
+        proxy.close()
+        if durable:
+            with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+                connection.channel().queue_delete(queue)
+
+
 def test_poison_command_dead_lettered(amqp_url, run_prefix, tmp_path):
     manager = new_manager(
         amqp_url, run_prefix, tmp_path / "manager", environment={"BERTH_CRASH_ON_CREATE": "poison"}
