@@ -8,7 +8,6 @@ real manager.
 
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,6 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from manager.network import remove_manager_network
-from tests.helpers import remove_manager_cgroups
 from messages import cli
 from messages.client import BrokerUnavailable, CommandFailed, NoManager, ReplyTimeout
 from messages.models import (
@@ -34,6 +31,7 @@ from messages.models import (
     LogLine,
     Reply,
 )
+from tests.helpers import ManagerProcess
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 URL = "amqp://guest:secret@127.0.0.1:5672/%2F"
@@ -680,10 +678,10 @@ def run_berth(
     )
 
 
-def start_events(run: "ManagerRun", environment: dict[str, str], *args: str) -> subprocess.Popen:
+def start_events(followers: list[subprocess.Popen], environment: dict[str, str], *args: str) -> subprocess.Popen:
     """Start ``berth events`` and wait until it reports that its queue is bound.
 
-    ``run`` kills the process when the test ends.
+    The process goes into ``followers``, which the test's fixture ends.
     """
     process = subprocess.Popen(
         [sys.executable, "-m", "messages.cli", "events", *args],
@@ -693,7 +691,7 @@ def start_events(run: "ManagerRun", environment: dict[str, str], *args: str) -> 
         stderr=subprocess.PIPE,
         text=True,
     )
-    run.event_followers.append(process)
+    followers.append(process)
     ready, _, _ = select.select([process.stderr], [], [], 30.0)
     line = process.stderr.readline() if ready else ""
     if "following events" not in line:
@@ -701,66 +699,28 @@ def start_events(run: "ManagerRun", environment: dict[str, str], *args: str) -> 
     return process
 
 
-class ManagerRun:
-    """A manager child process for one test, and the assistant pids seen while it ran."""
-
-    def __init__(self, amqp_url: str, manager_id: str, base_dir: Path):
-        self.manager_id = manager_id
-        self.state_dir = base_dir / "state"
-        self.runc_root = base_dir / "runc"
-        self.log_path = base_dir / "manager.log"
-        self.assistant_pids: set[int] = set()
-        self.event_followers: list[subprocess.Popen] = []
-        command = [
-            sys.executable, "-m", "manager",
-            "--amqp-url", amqp_url,
-            "--id", manager_id,
-            "--state-dir", str(self.state_dir),
-            "--runc-root", str(self.runc_root),
-            "--heartbeat-timeout", "10",
-        ]  # fmt: skip
-        with open(self.log_path, "ab") as output:
-            self.process = subprocess.Popen(
-                command, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=output, stderr=output
-            )
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-
-    def stop(self) -> None:
-        """End the event followers and the manager, then SIGKILL its assistants still alive."""
-        for follower in self.event_followers:
-            if follower.poll() is None:
-                follower.kill()
-            follower.communicate()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(40)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        for pid in self.assistant_pids:
-            try:
-                command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            # The pid may have been reused by another program since.
-            if b"assistant" in command_line and str(self.state_dir).encode() in command_line:
-                os.kill(pid, signal.SIGKILL)
-        remove_manager_network(self.manager_id)  # bridge, veths and namespaces
-        remove_manager_cgroups(self.manager_id)
+@pytest.fixture
+def manager_run(amqp_url, run_prefix, tmp_path):
+    """A manager child process; the test itself waits until it answers."""
+    process = ManagerProcess(amqp_url, f"{run_prefix}-cli", tmp_path)
+    process.launch()
+    yield process
+    process.cleanup()
 
 
 @pytest.fixture
-def manager_run(amqp_url, run_prefix, tmp_path):
-    run = ManagerRun(amqp_url, f"{run_prefix}-cli", tmp_path)
-    yield run
-    run.stop()
+def followers():
+    """``berth events`` processes of one test, killed when it ends."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 @pytest.mark.root
-def test_cli_against_manager(amqp_url, manager_run):
+def test_cli_against_manager(amqp_url, manager_run, followers):
     environment = dict(os.environ, BERTH_AMQP_URL=amqp_url, BERTH_MANAGER=manager_run.manager_id)
     manager_id = manager_run.manager_id
     container_id = "hello"
@@ -773,8 +733,8 @@ def test_cli_against_manager(amqp_url, manager_run):
         time.sleep(0.3)
 
     lifecycle_pattern = f"{manager_id}.{container_id}.*"
-    lifecycle = start_events(manager_run, environment, "--json", "--count", "2", lifecycle_pattern)
-    exits = start_events(manager_run, environment, "--count", "1", f"{manager_id}.*.exited")
+    lifecycle = start_events(followers, environment, "--json", "--count", "2", lifecycle_pattern)
+    exits = start_events(followers, environment, "--count", "1", f"{manager_id}.*.exited")
 
     ran = run_berth(environment, "run", container_id, "--", "sh", "-c", "echo hello; exit 4")
     assert ran.returncode == 0, ran.stderr + manager_run.log_tail()
@@ -785,7 +745,6 @@ def test_cli_against_manager(amqp_url, manager_run):
         listing = run_berth(environment, "ps", "--json")
         assert listing.returncode == 0, listing.stderr
         [info] = Reply.model_validate_json(listing.stdout).containers
-        manager_run.assistant_pids.add(info.assistant_pid)
         if info.state == ContainerState.EXITED or time.monotonic() > deadline:
             break
         time.sleep(0.3)
