@@ -16,6 +16,10 @@
 - unless ``--no-overlay``, a VXLAN overlay (deploy.overlay) that routes
   between the hosts' container subnets.
 
+``kill-manager N`` SIGKILLs host N's manager, as a crash would, and
+``start-manager N`` starts it again with the same id and state, so that
+it adopts the containers that survived.
+
 ``down`` ends those processes (by the pids recorded in ``lab.json``),
 the containers of the lab's managers, and removes every namespace,
 interface and directory that ``up`` created.
@@ -23,6 +27,8 @@ interface and directory that ``up`` created.
 Command line::
 
     python -m deploy.lab up --hosts 3 --dir /tmp/lab
+    python -m deploy.lab kill-manager --dir /tmp/lab 2
+    python -m deploy.lab start-manager --dir /tmp/lab 2
     python -m deploy.lab down --dir /tmp/lab
 """
 
@@ -143,7 +149,15 @@ def up(
         )
 
     state = lab_names(directory, hosts)
-    state.update({"directory": str(directory), "subnet": str(subnet), "relay": None, "broker_dir": None})
+    state.update(
+        {
+            "directory": str(directory),
+            "subnet": str(subnet),
+            "relay": None,
+            "broker_dir": None,
+            "heartbeat_timeout": heartbeat_timeout,
+        }
+    )
     write_state(directory, state)
     try:
         gateway = create_lab_bridge(state["bridge"], subnet)
@@ -289,6 +303,57 @@ def wait_ready(amqp_url: str, host: dict, directory: pathlib.Path) -> None:
             time.sleep(0.5)
 
 
+# --- one host's manager -----------------------------------------------------
+
+
+def lab_host(directory: pathlib.Path, number: int) -> tuple[dict, dict]:
+    """Return the lab's state and host ``number``'s entry, or raise LabError."""
+    directory = directory.resolve()
+    state = read_state(directory)
+    if state is None:
+        raise LabError(f"no lab is recorded in {directory}: run `python -m deploy.lab up` first")
+    for host in state["hosts"]:
+        if host["number"] == number:
+            return state, host
+    raise LabError(f"the lab in {directory} has no host {number}: use 1 to {len(state['hosts'])}")
+
+
+def kill_manager(directory: pathlib.Path, number: int) -> int:
+    """SIGKILL host ``number``'s manager and return its pid.
+
+    Its containers run on until the lab's heartbeat timeout.
+    """
+    _, host = lab_host(directory, number)
+    ref = process_ref(host.get("manager"))
+    if ref is None or not ref.is_alive():
+        raise LabError(
+            f"the manager of host {number} is not running: start it with"
+            f" `python -m deploy.lab start-manager --dir {directory} {number}`"
+        )
+    ref.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while ref.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.info("lab host %d: manager %s (pid %d) killed", number, host["manager_id"], ref.pid)
+    return ref.pid
+
+
+def restart_manager(directory: pathlib.Path, number: int) -> int:
+    """Start host ``number``'s manager again with its id and state; return its pid."""
+    directory = directory.resolve()
+    state, host = lab_host(directory, number)
+    ref = process_ref(host.get("manager"))
+    if ref is not None and ref.is_alive():
+        raise LabError(
+            f"the manager of host {number} is running (pid {ref.pid}): stop it with"
+            f" `python -m deploy.lab kill-manager --dir {directory} {number}` first"
+        )
+    host["manager"] = start_manager(directory, host, state["amqp_url"], state["heartbeat_timeout"])
+    write_state(directory, state)
+    wait_ready(state["amqp_url"], host, directory)
+    return host["manager"]["pid"]
+
+
 # --- down --------------------------------------------------------------------
 
 
@@ -404,6 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--no-overlay", action="store_true", help="leave out the VXLAN overlay between the hosts")
     stop = commands.add_parser("down", help="stop everything the lab started and remove it")
     stop.add_argument("--dir", type=pathlib.Path, required=True, help="directory given to up")
+    for name, text in (
+        ("kill-manager", "SIGKILL one host's manager, as a crash would"),
+        ("start-manager", "start one host's manager again with its state"),
+    ):
+        one = commands.add_parser(name, help=text)
+        one.add_argument("--dir", type=pathlib.Path, required=True, help="directory given to up")
+        one.add_argument("host", type=int, help="host number, from 1")
     arguments = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -424,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export BERTH_AMQP_URL={state['amqp_url']}")
             for host in state["hosts"]:
                 print(f"# host {host['number']}: manager id {host['manager_id']}, namespace {host['netns']}, address {host['address']}")
+        elif arguments.command == "kill-manager":
+            pid = kill_manager(arguments.dir, arguments.host)
+            print(f"# host {arguments.host}: manager pid {pid} killed")
+        elif arguments.command == "start-manager":
+            pid = restart_manager(arguments.dir, arguments.host)
+            print(f"# host {arguments.host}: manager started, pid {pid}")
         else:
             down(arguments.dir)
     except (LabError, OSError, RabbitMQNodeError, ValueError) as exc:

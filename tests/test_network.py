@@ -6,7 +6,6 @@ configures them through pyroute2.
 
 import ipaddress
 import json
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 
 from manager.network import names
 from messages.client import Client, ClientError
-from messages.models import ContainerState, ErrorCode
+from messages.models import ContainerState, ErrorCode, ExitReason
 from tests.helpers import ManagerProcess, pid_alive, wait_until
 
 pytestmark = pytest.mark.root
@@ -361,9 +360,20 @@ def test_lab_of_three_hosts(tmp_path):
             assert seen == {first["manager_id"], third["manager_id"]}
 
             # Without its manager the workload dies at the heartbeat timeout.
-            lab.process_ref(first["manager"]).send_signal(signal.SIGKILL)
+            lab.kill_manager(lab_dir, 1)
+            with pytest.raises(lab.LabError, match="not running"):
+                lab.kill_manager(lab_dir, 1)
             assert wait_until(lambda: not pid_alive(on_first.pid), 15)
             assert pid_alive(on_third.pid)
+
+            # Started again with its state, the manager knows its container.
+            lab.restart_manager(lab_dir, 1)
+            with pytest.raises(lab.LabError, match="is running"):
+                lab.restart_manager(lab_dir, 1)
+            info = wait_exited(client, "one")
+            assert info.exit.reason in (ExitReason.MANAGER_UNREACHABLE, ExitReason.ASSISTANT_LOST)
+            with pytest.raises(lab.LabError, match="no host 9"):
+                lab.kill_manager(lab_dir, 9)
     finally:
         lab.down(lab_dir)
 
