@@ -9,9 +9,10 @@ Threads and what they may touch:
   records the exit and hands it to the main thread through ``_exits``;
 - two drain threads copy the workload's stdout and stderr into the log.
 
-runc is called from the main thread and from stop timers; the shared
-``children_lock`` in assistant.runtime keeps those calls apart from the
-reaper.
+Signals go to the init through a pidfd, from the main thread and from
+stop timers. runc is called from the main thread, from stop timers and
+from the watcher; the shared ``children_lock`` in assistant.runtime keeps
+those calls apart from the reaper.
 """
 
 import json
@@ -48,6 +49,7 @@ from messages.models import (
     Heartbeat,
     HeartbeatReply,
     Verdict,
+    signal_name as normalize_signal_name,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ class Supervisor:
         self._stop_deadline = 0.0
         self._threads: list[threading.Thread] = []
         self._terminate_requested = False
+        self._init_pidfd: int | None = None
+        self._own_pid_namespace = False
+        """Whether killing the init kills every process of the container."""
+        self._pidfd_lock = threading.Lock()
         self.ports = PortForwarders(self.id, config.container_address, config.ports)
 
     # --- lifecycle --------------------------------------------------------
@@ -146,6 +152,10 @@ class Supervisor:
     def _shutdown(self) -> None:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
+        with self._pidfd_lock:
+            if self._init_pidfd is not None:
+                os.close(self._init_pidfd)
+                self._init_pidfd = None
         for thread in self._threads:
             thread.join(timeout=2.0)
         if self.connection is not None and self.connection.is_open:
@@ -190,6 +200,10 @@ class Supervisor:
 
         self.status = AssistantStatus.CREATED
         log.info("container %s created, init pid %d", self.id, self.pid)
+        # The init is our child until the watcher reaps it, so its pid and
+        # this pidfd cannot name another process.
+        self._init_pidfd = os.pidfd_open(self.pid)
+        self._own_pid_namespace = has_own_pid_namespace(self._read_spec())
         watcher = threading.Thread(
             target=self._watch, args=(InitWatcher(self.pid),), name="watch", daemon=True
         )
@@ -230,12 +244,12 @@ class Supervisor:
             self.kill_workload(ExitReason.STOPPED)
             return
         log.info("container %s: stopping with a grace of %.1f s", self.id, grace)
-        self._runc_kill("SIGTERM", all_processes=False)
+        self._signal_workload("SIGTERM", all_processes=False)
         self._start_kill_timer(grace, deadline)
 
     def _start_kill_timer(self, delay: float, deadline: float) -> None:
         self._stop_deadline = deadline
-        self._stop_timer = threading.Timer(delay, self._runc_kill, args=("SIGKILL", True))
+        self._stop_timer = threading.Timer(delay, self._signal_workload, args=("SIGKILL", True))
         self._stop_timer.daemon = True
         self._stop_timer.start()
 
@@ -246,7 +260,7 @@ class Supervisor:
         # the workload as stopped.
         self.ending_reason = reason
         log.info("container %s: sending %s (%s)", self.id, signal_name, reason.value)
-        self._runc_kill(signal_name, all_processes=signal_name == "SIGKILL")
+        self._signal_workload(signal_name, all_processes=signal_name == "SIGKILL")
 
     def kill_workload_now(self) -> None:
         """Kill every process of the container and drop its runc state.
@@ -256,8 +270,37 @@ class Supervisor:
         """
         if self.pid is None or self.exit is not None:
             return
-        self._runc_kill("SIGKILL", all_processes=True)
+        self._signal_workload("SIGKILL", all_processes=True)
         self._delete_runc_state()
+
+    def _signal_workload(self, signal_name: str, all_processes: bool) -> None:
+        """Send a signal to the init, or with ``all_processes`` to every process.
+
+        When the init of a container with its own PID namespace dies, the
+        kernel kills every other process in that namespace. So a SIGKILL
+        goes to the init alone, and ``runc kill --all`` is used only for a
+        container without its own PID namespace or for another signal.
+        """
+        if self.exit is not None:
+            return
+        if all_processes and not (signal_name == "SIGKILL" and self._own_pid_namespace):
+            self._runc_kill(signal_name, all_processes=True)
+            return
+        try:
+            number = signal.Signals[normalize_signal_name(signal_name)]
+        except ValueError as exc:
+            log.error("container %s: signal not sent: %s", self.id, exc)
+            return
+        with self._pidfd_lock:
+            if self._init_pidfd is None:
+                return
+            try:
+                signal.pidfd_send_signal(self._init_pidfd, number)
+            except ProcessLookupError:
+                log.info(
+                    "container %s: init %s already exited; %s not sent",
+                    self.id, self.pid, number.name,
+                )
 
     def _runc_kill(self, signal_name: str, all_processes: bool) -> None:
         if self.exit is not None:
@@ -324,11 +367,16 @@ class Supervisor:
         self._exits.put(record)
         self._wake_main_thread()
 
-    def _cgroups_path(self) -> str | None:
+    def _read_spec(self) -> dict | None:
         try:
-            spec = json.loads((self.paths.bundle / "config.json").read_text())
+            return json.loads((self.paths.bundle / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("container %s: cannot read config.json: %s", self.id, exc)
+            return None
+
+    def _cgroups_path(self) -> str | None:
+        spec = self._read_spec()
+        if spec is None:
             return None
         return spec.get("linux", {}).get("cgroupsPath")
 
@@ -521,6 +569,14 @@ class Supervisor:
             self.stop_workload(order.grace or 0.0)
         elif order.action == "kill":
             self.kill_workload(ExitReason.KILLED, order.signal or "SIGKILL")
+
+
+def has_own_pid_namespace(spec: dict | None) -> bool:
+    """Tell whether an OCI spec gives the container a new PID namespace."""
+    if spec is None:
+        return False
+    namespaces = spec.get("linux", {}).get("namespaces", [])
+    return any(entry.get("type") == "pid" and not entry.get("path") for entry in namespaces)
 
 
 def signal_from_init_status(exit_code: int) -> str | None:
