@@ -6,7 +6,8 @@ Threads and what they may touch:
   heartbeats, reads replies and control orders, and is the only caller of
   pika;
 - the watcher thread waits for the container's init, reaps orphans,
-  records the exit and hands it to the main thread through ``_exits``;
+  hands the exit to the main thread through ``_exits``, and then writes
+  exit.json and removes the runc state;
 - two drain threads copy the workload's stdout and stderr into the log.
 
 Signals go to the init through a pidfd, from the main thread and from
@@ -38,7 +39,7 @@ from assistant.config import AssistantConfig, ContainerPaths
 from assistant.logfile import RotatingLog, drain
 from assistant.ports import PortForwarders
 from assistant.reaper import InitWatcher, become_subreaper, decode_status
-from assistant.runtime import Runc, RuncError
+from assistant.runtime import RUNC_TIMEOUT, Runc, RuncError
 from messages import names
 from messages.brokers import connection_parameters, retryable_broker_error
 from messages.models import (
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.05
 """Maximum seconds the main loop waits in pika before checking its timers."""
+
+CLEANUP_TIMEOUT = 2 * RUNC_TIMEOUT
+"""Maximum seconds the assistant waits at its end for the watcher to write
+exit.json and run ``runc delete``."""
 
 
 class AssistantExit(Exception):
@@ -94,6 +99,8 @@ class Supervisor:
         self._own_pid_namespace = False
         """Whether killing the init kills every process of the container."""
         self._pidfd_lock = threading.Lock()
+        self._cleanup_done = threading.Event()
+        """Set once the watcher has written exit.json and removed the runc state."""
         self.ports = PortForwarders(self.id, config.container_address, config.ports)
 
     # --- lifecycle --------------------------------------------------------
@@ -152,6 +159,7 @@ class Supervisor:
     def _shutdown(self) -> None:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
+        self._wait_for_cleanup()
         with self._pidfd_lock:
             if self._init_pidfd is not None:
                 os.close(self._init_pidfd)
@@ -268,7 +276,11 @@ class Supervisor:
         The last resort when the assistant itself fails, so that no
         workload outlives its supervisor.
         """
-        if self.pid is None or self.exit is not None:
+        if self.pid is None:
+            return
+        if self.exit is not None:
+            # The watcher still removes the runc state after the report.
+            self._wait_for_cleanup()
             return
         self._signal_workload("SIGKILL", all_processes=True)
         self._delete_runc_state()
@@ -356,16 +368,34 @@ class Supervisor:
         # to it and then ended otherwise keeps the flag, not the reason.
         killed_by_oom = oom and exit_code == 128 + signal.SIGKILL and self.ending_reason is None
         reason = ExitReason.OOM if killed_by_oom else (self.ending_reason or ExitReason.EXITED)
-        self._delete_runc_state()
 
         record = ExitInfo(exit_code=exit_code, signal=signal_name, oom_killed=oom, reason=reason)
-        write_exit_record(self.paths.exit_record, record)
         log.info(
             "container %s exited: code %d, signal %s, oom %s, reason %s",
             self.id, exit_code, signal_name, oom, reason.value,
         )
+        # Report first: the record on disk and the removal of the runc state
+        # only matter once the assistant is gone, and the main thread waits
+        # for both before it ends.
         self._exits.put(record)
         self._wake_main_thread()
+        try:
+            write_exit_record(self.paths.exit_record, record)
+        except OSError as exc:
+            log.error("container %s: cannot write %s: %s", self.id, self.paths.exit_record, exc)
+        try:
+            self._delete_runc_state()
+        finally:
+            self._cleanup_done.set()
+
+    def _wait_for_cleanup(self) -> None:
+        if self.exit is None:
+            return
+        if not self._cleanup_done.wait(CLEANUP_TIMEOUT):
+            log.error(
+                "container %s: exit.json and runc delete not done after %.0f s",
+                self.id, CLEANUP_TIMEOUT,
+            )
 
     def _read_spec(self) -> dict | None:
         try:

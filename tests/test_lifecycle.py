@@ -177,6 +177,37 @@ def test_sigkill_leaves_no_forked_process(manager, init):
     assert_nothing_left(manager, container_id)
 
 
+def test_exit_report_then_runc_state_removed(manager):
+    """The assistant removes the runc state and writes exit.json after its report, before it ends."""
+    with manager.client() as client:
+        client.request({"command": "run", "id": "brief", "argv": ["sh", "-c", "exit 7"]})
+        assert wait_until(
+            lambda: (
+                client.request({"command": "inspect", "id": "brief"}).container.state
+                == ContainerState.EXITED
+            ),
+            10,
+        )
+        assert wait_until(lambda: manager.assistant_pids() == [], 10)
+        assert manager.runc.state("brief") is None
+        record = (manager.containers_dir / "brief" / "exit.json").read_text()
+        assert '"exit_code":7' in record
+        assert client.request({"command": "inspect", "id": "brief"}).container.exit.exit_code == 7
+        client.request({"command": "delete", "id": "brief"})
+    assert_nothing_left(manager, "brief")
+
+
+def test_delete_right_after_stop_leaves_nothing(manager):
+    """A delete waits for the assistant, which still writes exit.json after its report."""
+    with manager.client() as client:
+        for number in range(5):
+            container_id = f"quick-{number}"
+            client.request({"command": "run", "id": container_id, "argv": ["sleep", "infinity"]})
+            client.request({"command": "stop", "id": container_id, "grace": 10})
+            client.request({"command": "delete", "id": container_id})
+            assert_nothing_left(manager, container_id)
+
+
 def test_illegal_transitions_name_state_or_id(manager):
     with manager.client() as client:
         client.request({"command": "run", "id": "busy", "argv": ["sleep", "infinity"]})
@@ -373,7 +404,9 @@ def test_workload_dies_at_heartbeat_timeout_without_manager(manager):
     # one heartbeat interval before the kill.
     assert time.monotonic() - killed_at >= 3 - manager.heartbeat_interval
     assert cgroup_pids(cgroups_path(manager.manager_id, "alone")) == []
-    assert manager.runc.state("alone") is None
+    # The assistant writes exit.json and removes the runc state after it
+    # reports the exit, so both can lag the workload's death.
+    assert wait_until(lambda: manager.runc.state("alone") is None, 10)
     record = (manager.containers_dir / "alone" / "exit.json").read_text()
     assert '"manager_unreachable"' in record
     assert '"exit_code":137' in record
