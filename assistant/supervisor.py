@@ -6,12 +6,14 @@ Threads and what they may touch:
   heartbeats, reads replies and control orders, and is the only caller of
   pika;
 - the watcher thread waits for the container's init, reaps orphans,
-  records the exit and hands it to the main thread through ``_exits``;
+  hands the exit to the main thread through ``_exits``, and then writes
+  exit.json and removes the runc state;
 - two drain threads copy the workload's stdout and stderr into the log.
 
-runc is called from the main thread and from stop timers; the shared
-``children_lock`` in assistant.runtime keeps those calls apart from the
-reaper.
+Signals go to the init through a pidfd, from the main thread and from
+stop timers. runc is called from the main thread, from stop timers and
+from the watcher; the shared ``children_lock`` in assistant.runtime keeps
+those calls apart from the reaper.
 """
 
 import json
@@ -37,7 +39,7 @@ from assistant.config import AssistantConfig, ContainerPaths
 from assistant.logfile import RotatingLog, drain
 from assistant.ports import PortForwarders
 from assistant.reaper import InitWatcher, become_subreaper, decode_status
-from assistant.runtime import Runc, RuncError
+from assistant.runtime import RUNC_TIMEOUT, Runc, RuncError
 from messages import names
 from messages.brokers import connection_parameters, retryable_broker_error
 from messages.models import (
@@ -48,12 +50,17 @@ from messages.models import (
     Heartbeat,
     HeartbeatReply,
     Verdict,
+    signal_name as normalize_signal_name,
 )
 
 log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.05
 """Maximum seconds the main loop waits in pika before checking its timers."""
+
+CLEANUP_TIMEOUT = 2 * RUNC_TIMEOUT
+"""Maximum seconds the assistant waits at its end for the watcher to write
+exit.json and run ``runc delete``."""
 
 
 class AssistantExit(Exception):
@@ -88,6 +95,12 @@ class Supervisor:
         self._stop_deadline = 0.0
         self._threads: list[threading.Thread] = []
         self._terminate_requested = False
+        self._init_pidfd: int | None = None
+        self._own_pid_namespace = False
+        """Whether killing the init kills every process of the container."""
+        self._pidfd_lock = threading.Lock()
+        self._cleanup_done = threading.Event()
+        """Set once the watcher has written exit.json and removed the runc state."""
         self.ports = PortForwarders(self.id, config.container_address, config.ports)
 
     # --- lifecycle --------------------------------------------------------
@@ -146,6 +159,11 @@ class Supervisor:
     def _shutdown(self) -> None:
         if self._stop_timer is not None:
             self._stop_timer.cancel()
+        self._wait_for_cleanup()
+        with self._pidfd_lock:
+            if self._init_pidfd is not None:
+                os.close(self._init_pidfd)
+                self._init_pidfd = None
         for thread in self._threads:
             thread.join(timeout=2.0)
         if self.connection is not None and self.connection.is_open:
@@ -190,6 +208,10 @@ class Supervisor:
 
         self.status = AssistantStatus.CREATED
         log.info("container %s created, init pid %d", self.id, self.pid)
+        # The init is our child until the watcher reaps it, so its pid and
+        # this pidfd cannot name another process.
+        self._init_pidfd = os.pidfd_open(self.pid)
+        self._own_pid_namespace = has_own_pid_namespace(self._read_spec())
         watcher = threading.Thread(
             target=self._watch, args=(InitWatcher(self.pid),), name="watch", daemon=True
         )
@@ -230,12 +252,12 @@ class Supervisor:
             self.kill_workload(ExitReason.STOPPED)
             return
         log.info("container %s: stopping with a grace of %.1f s", self.id, grace)
-        self._runc_kill("SIGTERM", all_processes=False)
+        self._signal_workload("SIGTERM", all_processes=False)
         self._start_kill_timer(grace, deadline)
 
     def _start_kill_timer(self, delay: float, deadline: float) -> None:
         self._stop_deadline = deadline
-        self._stop_timer = threading.Timer(delay, self._runc_kill, args=("SIGKILL", True))
+        self._stop_timer = threading.Timer(delay, self._signal_workload, args=("SIGKILL", True))
         self._stop_timer.daemon = True
         self._stop_timer.start()
 
@@ -246,7 +268,7 @@ class Supervisor:
         # the workload as stopped.
         self.ending_reason = reason
         log.info("container %s: sending %s (%s)", self.id, signal_name, reason.value)
-        self._runc_kill(signal_name, all_processes=signal_name == "SIGKILL")
+        self._signal_workload(signal_name, all_processes=signal_name == "SIGKILL")
 
     def kill_workload_now(self) -> None:
         """Kill every process of the container and drop its runc state.
@@ -254,10 +276,43 @@ class Supervisor:
         The last resort when the assistant itself fails, so that no
         workload outlives its supervisor.
         """
-        if self.pid is None or self.exit is not None:
+        if self.pid is None:
             return
-        self._runc_kill("SIGKILL", all_processes=True)
+        if self.exit is not None:
+            # The watcher still removes the runc state after the report.
+            self._wait_for_cleanup()
+            return
+        self._signal_workload("SIGKILL", all_processes=True)
         self._delete_runc_state()
+
+    def _signal_workload(self, signal_name: str, all_processes: bool) -> None:
+        """Send a signal to the init, or with ``all_processes`` to every process.
+
+        When the init of a container with its own PID namespace dies, the
+        kernel kills every other process in that namespace. So a SIGKILL
+        goes to the init alone, and ``runc kill --all`` is used only for a
+        container without its own PID namespace or for another signal.
+        """
+        if self.exit is not None:
+            return
+        if all_processes and not (signal_name == "SIGKILL" and self._own_pid_namespace):
+            self._runc_kill(signal_name, all_processes=True)
+            return
+        try:
+            number = signal.Signals[normalize_signal_name(signal_name)]
+        except ValueError as exc:
+            log.error("container %s: signal not sent: %s", self.id, exc)
+            return
+        with self._pidfd_lock:
+            if self._init_pidfd is None:
+                return
+            try:
+                signal.pidfd_send_signal(self._init_pidfd, number)
+            except ProcessLookupError:
+                log.info(
+                    "container %s: init %s already exited; %s not sent",
+                    self.id, self.pid, number.name,
+                )
 
     def _runc_kill(self, signal_name: str, all_processes: bool) -> None:
         if self.exit is not None:
@@ -313,22 +368,45 @@ class Supervisor:
         # to it and then ended otherwise keeps the flag, not the reason.
         killed_by_oom = oom and exit_code == 128 + signal.SIGKILL and self.ending_reason is None
         reason = ExitReason.OOM if killed_by_oom else (self.ending_reason or ExitReason.EXITED)
-        self._delete_runc_state()
 
         record = ExitInfo(exit_code=exit_code, signal=signal_name, oom_killed=oom, reason=reason)
-        write_exit_record(self.paths.exit_record, record)
         log.info(
             "container %s exited: code %d, signal %s, oom %s, reason %s",
             self.id, exit_code, signal_name, oom, reason.value,
         )
+        # Report first: the record on disk and the removal of the runc state
+        # only matter once the assistant is gone, and the main thread waits
+        # for both before it ends.
         self._exits.put(record)
         self._wake_main_thread()
-
-    def _cgroups_path(self) -> str | None:
         try:
-            spec = json.loads((self.paths.bundle / "config.json").read_text())
+            write_exit_record(self.paths.exit_record, record)
+        except OSError as exc:
+            log.error("container %s: cannot write %s: %s", self.id, self.paths.exit_record, exc)
+        try:
+            self._delete_runc_state()
+        finally:
+            self._cleanup_done.set()
+
+    def _wait_for_cleanup(self) -> None:
+        if self.exit is None:
+            return
+        if not self._cleanup_done.wait(CLEANUP_TIMEOUT):
+            log.error(
+                "container %s: exit.json and runc delete not done after %.0f s",
+                self.id, CLEANUP_TIMEOUT,
+            )
+
+    def _read_spec(self) -> dict | None:
+        try:
+            return json.loads((self.paths.bundle / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("container %s: cannot read config.json: %s", self.id, exc)
+            return None
+
+    def _cgroups_path(self) -> str | None:
+        spec = self._read_spec()
+        if spec is None:
             return None
         return spec.get("linux", {}).get("cgroupsPath")
 
@@ -521,6 +599,14 @@ class Supervisor:
             self.stop_workload(order.grace or 0.0)
         elif order.action == "kill":
             self.kill_workload(ExitReason.KILLED, order.signal or "SIGKILL")
+
+
+def has_own_pid_namespace(spec: dict | None) -> bool:
+    """Tell whether an OCI spec gives the container a new PID namespace."""
+    if spec is None:
+        return False
+    namespaces = spec.get("linux", {}).get("namespaces", [])
+    return any(entry.get("type") == "pid" and not entry.get("path") for entry in namespaces)
 
 
 def signal_from_init_status(exit_code: int) -> str | None:

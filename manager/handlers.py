@@ -61,6 +61,13 @@ KILL_TIMEOUT = 10.0
 STOP_MARGIN = 10.0
 """Seconds a stop waits beyond its grace period for the exit report."""
 
+ASSISTANT_END_TIMEOUT = 5.0
+"""Seconds a delete waits for the assistant to end after its exit report.
+An assistant writes exit.json and runs ``runc delete`` after the report."""
+
+ASSISTANT_END_POLL = 0.01
+"""Seconds between checks whether an assistant has ended."""
+
 
 class Handlers:
     def __init__(
@@ -369,6 +376,7 @@ class Handlers:
         if state in ACTIVE:
             self._end_workload(record)
         paths = self.paths(command.id)
+        self._wait_assistant_ended(record, paths)
         self.force_runc_cleanup(command.id)
         self.network.detach(command.id)
         remove_logs(paths.container_log)
@@ -390,6 +398,26 @@ class Handlers:
         self.assistants.kill(container_id, record.info.assistant_pid, paths.root)
         self.force_runc_cleanup(container_id)
         self.record_lost_exit(container_id, "killed while its assistant did not answer")
+
+    def _wait_assistant_ended(self, record: ContainerRecord, paths: ContainerPaths) -> None:
+        """Wait until the assistant has ended, killing it after ASSISTANT_END_TIMEOUT.
+
+        The delete must not remove the container directory or the runc
+        state while the assistant still writes exit.json or runs
+        ``runc delete``.
+        """
+        container_id = record.info.id
+        pid = record.info.assistant_pid
+        deadline = time.monotonic() + ASSISTANT_END_TIMEOUT
+        while self.assistants.is_alive(container_id, pid, paths.root):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "container %s: assistant %s still runs %.0f s after the exit; killing it",
+                    container_id, pid, ASSISTANT_END_TIMEOUT,
+                )
+                self.assistants.kill(container_id, pid, paths.root)
+                return
+            time.sleep(ASSISTANT_END_POLL)
 
     def _wait_exited(self, container_id: str, timeout: float) -> bool:
         return self.registry.wait_for(

@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from assistant.cgroups import cgroup_dirs, cgroup_pids
+from assistant.supervisor import has_own_pid_namespace
 from manager.bundle import cgroups_path
 from messages.client import NoManager
 from messages.models import ContainerState, ErrorCode, ExitReason
@@ -138,6 +139,73 @@ def test_kill_with_signal(manager):
         assert exit.signal == "SIGUSR1"
         assert exit.reason == ExitReason.KILLED
         client.request({"command": "delete", "id": "victim"})
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_sigkill_leaves_no_forked_process(manager, init):
+    """A SIGKILL through the init's pidfd ends the processes it forked too."""
+    container_id = f"forks-{'tini' if init else 'sh'}"
+    cgroup = cgroups_path(manager.manager_id, container_id)
+    with manager.client() as client:
+        client.request(
+            {
+                "command": "run",
+                "id": container_id,
+                "argv": ["sh", "-c", "sleep infinity & sleep infinity & wait"],
+                "init": init,
+            }
+        )
+        # tini (with init), the shell and its two sleeps
+        expected = 4 if init else 3
+        assert wait_until(lambda: len(cgroup_pids(cgroup)) == expected, 10)
+        pids = cgroup_pids(cgroup)
+
+        client.request({"command": "kill", "id": container_id, "signal": "SIGKILL"})
+        assert wait_until(
+            lambda: (
+                client.request({"command": "inspect", "id": container_id}).container.state
+                == ContainerState.EXITED
+            ),
+            10,
+        )
+        exit = client.request({"command": "inspect", "id": container_id}).container.exit
+        assert exit.signal == "SIGKILL"
+        assert exit.reason == ExitReason.KILLED
+        for pid in pids:
+            assert not pid_alive(pid), f"process {pid} of {container_id} survived"
+        client.request({"command": "delete", "id": container_id})
+    assert_nothing_left(manager, container_id)
+
+
+def test_exit_report_then_runc_state_removed(manager):
+    """The assistant removes the runc state and writes exit.json after its report, before it ends."""
+    with manager.client() as client:
+        client.request({"command": "run", "id": "brief", "argv": ["sh", "-c", "exit 7"]})
+        assert wait_until(
+            lambda: (
+                client.request({"command": "inspect", "id": "brief"}).container.state
+                == ContainerState.EXITED
+            ),
+            10,
+        )
+        assert wait_until(lambda: manager.assistant_pids() == [], 10)
+        assert manager.runc.state("brief") is None
+        record = (manager.containers_dir / "brief" / "exit.json").read_text()
+        assert '"exit_code":7' in record
+        assert client.request({"command": "inspect", "id": "brief"}).container.exit.exit_code == 7
+        client.request({"command": "delete", "id": "brief"})
+    assert_nothing_left(manager, "brief")
+
+
+def test_delete_right_after_stop_leaves_nothing(manager):
+    """A delete waits for the assistant, which still writes exit.json after its report."""
+    with manager.client() as client:
+        for number in range(5):
+            container_id = f"quick-{number}"
+            client.request({"command": "run", "id": container_id, "argv": ["sleep", "infinity"]})
+            client.request({"command": "stop", "id": container_id, "grace": 10})
+            client.request({"command": "delete", "id": container_id})
+            assert_nothing_left(manager, container_id)
 
 
 def test_illegal_transitions_name_state_or_id(manager):
@@ -332,9 +400,13 @@ def test_workload_dies_at_heartbeat_timeout_without_manager(manager):
     time.sleep(1)
     assert pid_alive(pid), "killed before the heartbeat timeout"
     assert wait_until(lambda: not pid_alive(pid), 10)
-    assert time.monotonic() - killed_at >= 3
+    # The assistant counts the timeout from its last reply, which came up to
+    # one heartbeat interval before the kill.
+    assert time.monotonic() - killed_at >= 3 - manager.heartbeat_interval
     assert cgroup_pids(cgroups_path(manager.manager_id, "alone")) == []
-    assert manager.runc.state("alone") is None
+    # The assistant writes exit.json and removes the runc state after it
+    # reports the exit, so both can lag the workload's death.
+    assert wait_until(lambda: manager.runc.state("alone") is None, 10)
     record = (manager.containers_dir / "alone" / "exit.json").read_text()
     assert '"manager_unreachable"' in record
     assert '"exit_code":137' in record
@@ -392,3 +464,14 @@ def test_manager_restart_keeps_containers_running(manager):
         assert stopped.container.exit.signal == "SIGTERM"
         client.request({"command": "delete", "id": "steady"})
     assert_nothing_left(manager, "steady")
+
+
+def test_pid_namespace_detection_in_spec():
+    """Only a new PID namespace lets a SIGKILL to the init end every process."""
+    own = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}}
+    joined = {"linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}}
+    host = {"linux": {"namespaces": [{"type": "network"}]}}
+    assert has_own_pid_namespace(own)
+    assert not has_own_pid_namespace(joined)
+    assert not has_own_pid_namespace(host)
+    assert not has_own_pid_namespace(None)
