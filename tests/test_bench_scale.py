@@ -1,0 +1,82 @@
+"""Tests of the scale benchmark's helpers that compute figures from replies, logs and /proc."""
+
+import os
+import resource
+
+from bench.common import summarize
+from bench.scale import (
+    count_log_problems,
+    count_states,
+    max_heartbeat_age,
+    open_files_limit,
+    parse_time,
+    schedule,
+)
+
+
+def container(container_id: str, state: str = "running", heartbeat: str | None = None) -> dict:
+    return {"id": container_id, "state": state, "last_heartbeat_at": heartbeat}
+
+
+def test_parse_time_reads_utc_offsets():
+    assert parse_time("1970-01-01T00:00:10Z") == 10.0
+    assert parse_time("1970-01-01T00:00:10.5+00:00") == 10.5
+
+
+def test_max_heartbeat_age_skips_excluded_and_missing():
+    containers = [
+        container("a", heartbeat="1970-01-01T00:01:39Z"),  # 99 s
+        container("b", heartbeat="1970-01-01T00:01:37Z"),  # 97 s
+        container("canary", heartbeat="1970-01-01T00:00:00Z"),
+        container("new"),
+    ]
+    assert max_heartbeat_age(containers, now=100.0, excluded={"canary"}) == 3.0
+
+
+def test_max_heartbeat_age_without_heartbeats_is_none():
+    assert max_heartbeat_age([container("new")], now=100.0, excluded=set()) is None
+    assert max_heartbeat_age([], now=100.0, excluded=set()) is None
+
+
+def test_count_states_per_state():
+    containers = [container("a"), container("b"), container("c", state="lost")]
+    assert count_states(containers) == {"running": 2, "lost": 1}
+
+
+def test_count_log_problems_counts_each_kind():
+    lines = [
+        "2026-12-04 18:00:00,000 INFO assistant.supervisor: container scale-1: connected to the broker",
+        "2026-12-04 18:00:01,000 ERROR assistant.supervisor: container scale-1: no heartbeat reply"
+        " from manager m for 10.2 s (timeout 10.0 s); killing the workload",
+        "2026-12-04 18:00:02,000 WARNING assistant.supervisor: container scale-2: heartbeat"
+        " unroutable, queue berth.heartbeats.m missing",
+        "2026-12-04 18:00:03,000 WARNING assistant.supervisor: container scale-2: heartbeat"
+        " unroutable, queue berth.heartbeats.m missing",
+    ]
+    counts = count_log_problems(lines)
+    assert counts["heartbeat timeout"] == 1
+    assert counts["heartbeat unroutable"] == 2
+    assert counts["connection lost"] == 0
+    assert sum(counts.values()) == 3
+
+
+def test_schedule_is_steady():
+    offsets = schedule(rate=4.0, duration=2.0)
+    assert len(offsets) == 8
+    assert offsets[0] == 0.0
+    assert offsets[-1] == 1.75
+    assert all(later - earlier == 0.25 for earlier, later in zip(offsets, offsets[1:]))
+
+
+def test_open_files_limit_of_this_process():
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = None if soft == resource.RLIM_INFINITY else soft
+    assert open_files_limit(os.getpid()) == expected
+
+
+def test_summarize_nearest_rank_percentiles():
+    figures = summarize([float(value) for value in range(1, 201)])
+    assert figures["n"] == 200
+    assert figures["median"] == 100.5
+    assert figures["p90"] == 180.0
+    assert figures["p99"] == 198.0
