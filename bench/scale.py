@@ -26,8 +26,9 @@ records:
 
 - the manager: every ``list`` reply carries each container's
   ``last_heartbeat_at``, the time the manager last processed a heartbeat
-  from it. The maximum age over all containers but the canary's is kept
-  per reply. No container may turn ``lost`` (no heartbeat for
+  from it. Per reply, the benchmark keeps how far the oldest of them
+  lags behind the newest (usually the canary's), so a container whose
+  heartbeats stopped being processed shows as a growing lag. No container may turn ``lost`` (no heartbeat for
   ``--lost-after`` seconds), which the events and the states show.
 - the assistants: each logs "no heartbeat reply" when it kills its
   workload after HEARTBEAT_TIMEOUT seconds without a reply, and logs a
@@ -121,18 +122,24 @@ def parse_time(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def max_heartbeat_age(containers: list[dict], now: float, excluded: set[str]) -> float | None:
-    """Return the largest ``now - last_heartbeat_at`` in seconds over ``containers``.
+def heartbeat_lag(containers: list[dict], excluded: set[str]) -> float | None:
+    """Return how many seconds the oldest ``last_heartbeat_at`` lags behind the newest one.
 
-    Containers in ``excluded`` and those without a heartbeat yet are
-    skipped. Returns None when no container is left.
+    Both come from the same reply, so neither the reply's latency nor a
+    clock offset between the hosts enters the figure. Containers in
+    ``excluded`` count only as the newest heartbeat, and containers
+    without a heartbeat yet are skipped. Returns None when no container
+    is left.
     """
-    ages = [
-        now - parse_time(container["last_heartbeat_at"])
+    times = {
+        container["id"]: parse_time(container["last_heartbeat_at"])
         for container in containers
-        if container["id"] not in excluded and container.get("last_heartbeat_at")
-    ]
-    return max(ages) if ages else None
+        if container.get("last_heartbeat_at")
+    }
+    compared = [value for key, value in times.items() if key not in excluded]
+    if not compared:
+        return None
+    return max(times.values()) - min(compared)
 
 
 def count_states(containers: list[dict]) -> dict[str, int]:
@@ -365,7 +372,7 @@ def measure_lists(probe: Probe, duration: float, canary_id: str) -> dict:
     """Send ``list`` at LIST_RATE for ``duration`` s; return latencies, ages and state counts."""
     sent_at: dict[str, float] = {}
     latencies_ms: list[float] = []
-    ages: list[float] = []
+    lags: list[float] = []
     worst_states: dict[str, int] = {}
     began = time.perf_counter()
 
@@ -374,9 +381,9 @@ def measure_lists(probe: Probe, duration: float, canary_id: str) -> dict:
             arrival, reply = probe.replies.pop(correlation_id)
             latencies_ms.append((arrival - sent_at.pop(correlation_id)) * 1000)
             containers = reply.get("containers") or []
-            age = max_heartbeat_age(containers, time.time(), {canary_id})
-            if age is not None:
-                ages.append(age)
+            lag = heartbeat_lag(containers, {canary_id})
+            if lag is not None:
+                lags.append(lag)
             for state, number in count_states(containers).items():
                 if state != "running":
                     worst_states[state] = max(worst_states.get(state, 0), number)
@@ -395,7 +402,7 @@ def measure_lists(probe: Probe, duration: float, canary_id: str) -> dict:
         "sent": int(duration * LIST_RATE),
         "latencies_ms": latencies_ms,
         "unanswered": len(sent_at),
-        "heartbeat_ages_s": ages,
+        "heartbeat_lags_s": lags,
         "other_states": worst_states,
     }
 
@@ -507,7 +514,7 @@ def run(context: Context) -> dict:
         for name, percent in cpu_share.items():
             result.add(f"{name} CPU during the window", "% of a core", [percent])
         result.add(f"list latency, {count} containers", "ms", lists["latencies_ms"])
-        result.add("max heartbeat age in a list reply", "s", lists["heartbeat_ages_s"])
+        result.add("oldest heartbeat behind the newest, per list reply", "s", lists["heartbeat_lags_s"])
         result.add("canary heartbeat reply latency", "ms", canary.latencies_ms)
         result.add("heartbeat queue depth, sampled each second", "messages", canary.queue_depths)
         result.note(

@@ -7,7 +7,7 @@ from bench.common import summarize
 from bench.scale import (
     count_log_problems,
     count_states,
-    max_heartbeat_age,
+    heartbeat_lag,
     open_files_limit,
     parse_time,
     schedule,
@@ -23,19 +23,27 @@ def test_parse_time_reads_utc_offsets():
     assert parse_time("1970-01-01T00:00:10.5+00:00") == 10.5
 
 
-def test_max_heartbeat_age_skips_excluded_and_missing():
+def test_heartbeat_lag_against_newest():
     containers = [
-        container("a", heartbeat="1970-01-01T00:01:39Z"),  # 99 s
-        container("b", heartbeat="1970-01-01T00:01:37Z"),  # 97 s
-        container("canary", heartbeat="1970-01-01T00:00:00Z"),
+        container("a", heartbeat="1970-01-01T00:01:39Z"),
+        container("b", heartbeat="1970-01-01T00:01:37Z"),
+        container("canary", heartbeat="1970-01-01T00:01:40Z"),
         container("new"),
     ]
-    assert max_heartbeat_age(containers, now=100.0, excluded={"canary"}) == 3.0
+    assert heartbeat_lag(containers, excluded={"canary"}) == 3.0
 
 
-def test_max_heartbeat_age_without_heartbeats_is_none():
-    assert max_heartbeat_age([container("new")], now=100.0, excluded=set()) is None
-    assert max_heartbeat_age([], now=100.0, excluded=set()) is None
+def test_heartbeat_lag_ignores_excluded_oldest():
+    containers = [
+        container("a", heartbeat="1970-01-01T00:01:39Z"),
+        container("canary", heartbeat="1970-01-01T00:00:00Z"),
+    ]
+    assert heartbeat_lag(containers, excluded={"canary"}) == 0.0
+
+
+def test_heartbeat_lag_without_heartbeats_is_none():
+    assert heartbeat_lag([container("new")], excluded=set()) is None
+    assert heartbeat_lag([container("canary", heartbeat="1970-01-01T00:00:00Z")], excluded={"canary"}) is None
 
 
 def test_count_states_per_state():
