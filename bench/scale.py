@@ -455,6 +455,25 @@ def assistant_log_problems(manager: ManagerRun, ids: list[str]) -> dict[str, int
     return count_log_problems(lines)
 
 
+def log_manager_problems(manager: ManagerRun, limit: int = 20) -> None:
+    """Log the manager's last ``limit`` ERROR and WARNING lines, with a traceback's last line each."""
+    try:
+        lines = manager.log_path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        log.error("scale: cannot read the manager's log %s: %s", manager.log_path, exc)
+        return
+    problems = []
+    for number, line in enumerate(lines):
+        if " ERROR " in line or " WARNING " in line:
+            following = lines[number + 1 : number + 40]
+            last_trace_line = next(
+                (text for text in following if text and not text.startswith((" ", "Traceback"))), ""
+            )
+            problems.append(f"{line} | {last_trace_line}" if " ERROR " in line else line)
+    for problem in problems[-limit:]:
+        log.error("scale: manager log: %s", problem)
+
+
 # --- the benchmark --------------------------------------------------------------------
 
 
@@ -566,6 +585,11 @@ def run(context: Context) -> dict:
         seconds = delete_containers(context, manager, ids)
         result.add("tear-down: delete --force of all", "s", [seconds])
         result.note(f"{count} containers deleted in {seconds:.1f} s by {CLIENTS} clients")
+    except BaseException:
+        # The manager's log is removed with the work directory, so its
+        # errors go to the benchmark's own log first.
+        log_manager_problems(manager)
+        raise
     finally:
         manager.cleanup()
     for row in result.rows:
