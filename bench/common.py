@@ -89,6 +89,10 @@ class Context:
     quick: bool
     spawn: str = "fork"
     """The managers' --spawn mode: "fork" (the default) or "exec"."""
+    broker_pid: int | None = None
+    """Pid of the broker's Erlang VM, to read its limits; None if not known."""
+    scale_count: int | None = None
+    """Containers the scale benchmark starts; None for its default."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
     def directory(self, name: str) -> Path:

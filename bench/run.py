@@ -28,11 +28,8 @@ from deploy.rabbitmq import PrivateNode
 
 log = logging.getLogger("bench")
 
-BENCHMARKS = ["start_latency", "throughput", "heartbeats", "memory", "reactions"]
+BENCHMARKS = ["start_latency", "throughput", "heartbeats", "memory", "reactions", "scale"]
 QUICK_SKIPPED: set[str] = set()
-# TODO: a scale benchmark (many containers on one manager, list latency
-# meanwhile) is not built yet; memory reports list latency with its
-# idle containers.
 
 
 def tool_version(command: list[str]) -> str | None:
@@ -99,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         default="fork",
         help="how the managers start assistants (default: fork)",
     )
+    parser.add_argument(
+        "--scale-count",
+        type=int,
+        help="containers the scale benchmark starts (default: 1000, 100 with --quick)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -134,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = node.start()
         context = Context(
-            amqp_url=url, work_dir=work_dir / "work", quick=args.quick, spawn=args.spawn
+            amqp_url=url,
+            work_dir=work_dir / "work",
+            quick=args.quick,
+            spawn=args.spawn,
+            broker_pid=int(node.pid_file.read_text()),
+            scale_count=args.scale_count,
         )
         for name in selected:
             log.info("benchmark %s starts (load %s)", name, loadavg())

@@ -61,6 +61,15 @@ INHERITED_NAMES_DROPPED = ("NOTIFY_SOCKET", "CONF_ENV_FILE", "HOME")
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 INSTALL_HINT = "install it with `apt-get install rabbitmq-server`"
 
+# The Erlang VM accepts about as many connections as its soft limit on open
+# files allows, and a login shell often sets that limit to 1024, which a
+# thousand containers' assistants exceed. The server therefore starts with
+# its soft limit raised to the hard limit; an unlimited hard limit or a
+# failed raise leaves the inherited soft limit in place.
+RAISE_OPEN_FILES_AND_EXEC = (
+    'hard=$(ulimit -H -n); [ "$hard" = unlimited ] || ulimit -S -n "$hard"; exec "$0" "$@"'
+)
+
 LOG_TAIL_LINES = 40
 CTL_ERROR_OUTPUT_CHARS = 2000
 
@@ -639,7 +648,10 @@ class PrivateNode:
 
     def _start_server(self, scripts_dir: pathlib.Path) -> None:
         with self.console_file.open("ab") as console:
-            self._server_process = self._popen([str(scripts_dir / "rabbitmq-server")], console)
+            self._server_process = self._popen(
+                ["/bin/sh", "-c", RAISE_OPEN_FILES_AND_EXEC, str(scripts_dir / "rabbitmq-server")],
+                console,
+            )
         self._server_ref = ProcessRef.of(self._server_process.pid)
 
     def _wait_until_ready(self, deadline: float, timeout: float) -> None:

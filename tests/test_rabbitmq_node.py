@@ -6,6 +6,7 @@ import contextlib
 import os
 import pathlib
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -360,6 +361,48 @@ def test_cli_start_and_stop(private_node_dir: pathlib.Path, run_prefix: str) -> 
     assert stopped.stdout == ""
     assert _vm_pids(PrivateNode(private_node_dir, name)) == []
     assert not (private_node_dir / rabbitmq.STATE_FILE_NAME).exists()
+
+
+def _open_files_limits(pid: int) -> tuple[str, str]:
+    """Return the soft and hard limit on open files of ``pid`` as /proc/PID/limits shows them."""
+    for line in pathlib.Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError(f"no 'Max open files' line in /proc/{pid}/limits")
+
+
+def test_server_soft_open_files_raised_to_hard(
+    private_node_dir: pathlib.Path, run_prefix: str
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"needs a finite hard limit on open files above 512, not {hard}")
+    command = [sys.executable, "-m", "deploy.rabbitmq"]
+    started = subprocess.run(
+        [*command, "start", str(private_node_dir), "--name", f"{run_prefix}-nofile"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=REPOSITORY_ROOT,
+        # The starting process has a soft limit of 512, as a login shell may
+        # have 1024; the node must not inherit it.
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)),
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        vm_pids = _vm_pids(PrivateNode(private_node_dir, f"{run_prefix}-nofile"))
+        assert len(vm_pids) == 1
+        assert _open_files_limits(vm_pids[0]) == (str(hard), str(hard))
+    finally:
+        subprocess.run(
+            [*command, "stop", str(private_node_dir)],
+            capture_output=True,
+            check=False,
+            timeout=60,
+            cwd=REPOSITORY_ROOT,
+        )
 
 
 def test_cli_stop_without_state_fails(private_node_dir: pathlib.Path) -> None:
