@@ -56,7 +56,13 @@ from messages.models import (
 log = logging.getLogger(__name__)
 
 LOOP_TICK = 0.05
-"""Maximum seconds the main loop waits in pika before checking its timers."""
+"""Seconds the main loop pauses before another reconnect attempt."""
+
+MAX_WAIT = 1.0
+"""Maximum seconds the main loop waits in pika. It wakes earlier for a
+delivery, an exit from the watcher, the next heartbeat or the heartbeat
+timeout; an idle assistant thus wakes about once per heartbeat instead
+of once per short tick."""
 
 CLEANUP_TIMEOUT = 2 * RUNC_TIMEOUT
 """Maximum seconds the assistant waits at its end for the watcher to write
@@ -118,7 +124,7 @@ class Supervisor:
 
         next_beat = time.monotonic() + self.config.heartbeat_interval
         while not self._finished():
-            self._pump()
+            self._pump(until=min(next_beat, self._timeout_deadline()))
             self._collect_exits()
             now = time.monotonic()
             if self._terminate_requested and self.is_alive():
@@ -154,6 +160,8 @@ class Supervisor:
         return self.status in (AssistantStatus.CREATED, AssistantStatus.RUNNING)
 
     def _on_terminate_signal(self, signum, frame) -> None:
+        # Only a flag: pika's wake-up takes locks that the interrupted main
+        # thread may hold. The main loop sees it within MAX_WAIT.
         self._terminate_requested = True
 
     def _shutdown(self) -> None:
@@ -417,7 +425,7 @@ class Supervisor:
         try:
             connection.add_callback_threadsafe(lambda: None)
         except (pika.exceptions.AMQPError, AttributeError, RuntimeError):
-            pass  # the main loop wakes by itself within LOOP_TICK
+            pass  # the main loop wakes by itself within MAX_WAIT
 
     def _collect_exits(self) -> None:
         try:
@@ -431,6 +439,14 @@ class Supervisor:
         self.status = AssistantStatus.EXITED
         self.exited_at = time.monotonic()
         self.send_heartbeat()
+
+    def _timeout_deadline(self) -> float:
+        """Monotonic time at which the heartbeat timeout would end the workload."""
+        timeout = self.config.heartbeat_timeout
+        if timeout == 0 or not self.is_alive():
+            return float("inf")
+        # Just past the deadline, so that the check after the wait sees it passed.
+        return self.last_reply + timeout + 0.001
 
     def _check_timeout(self, now: float) -> None:
         timeout = self.config.heartbeat_timeout
@@ -494,12 +510,14 @@ class Supervisor:
         self.connection, self.channel = connection, channel
         log.info("container %s: connected to the broker", self.id)
 
-    def _pump(self) -> None:
+    def _pump(self, until: float) -> None:
+        """Handle broker traffic until the monotonic time ``until``, at most MAX_WAIT s."""
         if self.connection is None:
             self._reconnect()
             return
+        wait = min(MAX_WAIT, max(0.0, until - time.monotonic()))
         try:
-            self.connection.process_data_events(time_limit=LOOP_TICK)
+            self.connection.process_data_events(time_limit=wait)
         except pika.exceptions.AMQPError as exc:
             log.warning("container %s: broker connection lost: %r", self.id, exc)
             self.connection = self.channel = None
