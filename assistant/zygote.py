@@ -3,10 +3,10 @@
 Starting an assistant with exec costs an interpreter start and the
 imports of pika and pydantic, hundreds of milliseconds of CPU and about
 20 MiB of private memory per container. The manager instead starts this
-process once; it imports the assistant's modules, freezes the garbage
-collector's objects so that forked children do not copy those pages, and
-forks one child per container. The children share the imported code with
-the zygote copy-on-write.
+process once. It imports the assistant's modules, does their first-use
+work (``warm_up``), freezes the garbage collector's objects so that forked
+children do not copy those pages, and forks one child per container. The
+children share the imported code with the zygote copy-on-write.
 
 Protocol on the zygote's stdin and stdout, one line each way:
 the manager writes a container directory, the zygote answers with the
@@ -28,6 +28,16 @@ import time
 import setproctitle
 
 import assistant.__main__ as assistant_main
+from assistant.config import AssistantConfig
+from messages.brokers import connection_parameters
+from messages.models import (
+    AssistantStatus,
+    ControlOrder,
+    ExitInfo,
+    ExitReason,
+    Heartbeat,
+    HeartbeatReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,46 @@ def run_child(container_dir: str) -> None:
         logging.getLogger("assistant").exception("assistant for %s failed to start", container_dir)
     finally:
         os._exit(status)
+
+
+def warm_up() -> None:
+    """Do once, before any fork, the first-use work that every assistant repeats.
+
+    A forked child copies each page that it writes to, and the first use
+    of a module or a model writes to many objects: it imports, fills caches
+    and specializes bytecode. Done here, those pages stay shared by all
+    children. docs/benchmarks.md has the measured effect.
+
+    NOTE: pika's connection code still runs for the first time in each
+    assistant, because warming it up would need a broker connection.
+    """
+    # socket.getaddrinfo encodes a host name given as str with the idna
+    # codec, whose first use imports encodings.idna, stringprep and
+    # unicodedata. pika resolves the broker's host in every assistant.
+    "localhost".encode("idna")
+    config = AssistantConfig(
+        manager_id="warm-up",
+        container_id="warm-up",
+        token="warm-up",
+        container_dir="/nonexistent",
+        amqp_url="amqp://guest:guest@localhost:5672/%2F",
+        runc_root="/nonexistent",
+        heartbeat_interval=1.0,
+        heartbeat_timeout=30.0,
+    )
+    AssistantConfig.model_validate_json(config.model_dump_json())
+    connection_parameters(config.amqp_url, connection_attempts=1)
+    heartbeat = Heartbeat(
+        container_id=config.container_id,
+        assistant_pid=os.getpid(),
+        token=config.token,
+        status=AssistantStatus.EXITED,
+        pid=1,
+        exit=ExitInfo(exit_code=0, reason=ExitReason.EXITED),
+    )
+    heartbeat.model_dump_json()
+    HeartbeatReply.model_validate_json('{"verdict": "ack", "exit_recorded": true}')
+    ControlOrder.model_validate_json('{"action": "stop", "grace": 1.0}')
 
 
 def reap_children() -> bool:
@@ -99,6 +149,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Reap as soon as an assistant ends, also while waiting for a request.
     signal.signal(signal.SIGCHLD, lambda signum, frame: reap_children())
+    try:
+        warm_up()
+    except Exception:  # without it every assistant does this work itself, which costs only memory
+        log.exception("assistant zygote %d: warm-up failed, forking without it", os.getpid())
     log.info("assistant zygote %d ready", os.getpid())
     serve(sys.stdin, sys.stdout)
     log.info("assistant zygote %d: manager gone, waiting for its assistants", os.getpid())
