@@ -443,6 +443,11 @@ class Handlers:
 
     def force_runc_cleanup(self, container_id: str) -> None:
         """Kill every process of the container and remove its runc state."""
+        if not (self.runc.root / container_id).exists():
+            # runc keeps a container's state in <root>/<id>, and the
+            # assistant normally deletes it before it reports the exit, so
+            # this saves starting runc once per delete.
+            return
         try:
             if self.runc.state(container_id) is None:
                 return

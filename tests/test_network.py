@@ -6,6 +6,7 @@ configures them through pyroute2.
 
 import ipaddress
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -16,6 +17,8 @@ import uuid
 import pytest
 
 from manager.network import names
+from manager.network.attach import remove_netns
+from manager.network.namespaces import create_namespace, run_in_namespace
 from messages.client import Client, ClientError
 from messages.models import ContainerState, ErrorCode, ExitReason
 from tests.helpers import ManagerProcess, pid_alive, wait_until
@@ -389,3 +392,30 @@ def test_lab_of_three_hosts(tmp_path):
         assert not lab.process_ref(host["manager"]).is_alive()
     assert not lab.process_ref(state["relay"]).is_alive()
     assert not pid_alive(on_third.pid)
+
+
+def test_namespace_helpers_leave_caller_in_host(run_prefix):
+    namespace = f"{run_prefix}-nsthread"
+    host_namespace = os.readlink("/proc/thread-self/ns/net")
+    create_namespace(namespace)
+    try:
+        assert namespace in netns_names()
+        assert os.readlink("/proc/thread-self/ns/net") == host_namespace
+
+        inside = run_in_namespace(namespace, lambda: os.readlink("/proc/thread-self/ns/net"))
+        assert inside != host_namespace
+        assert os.stat(f"/run/netns/{namespace}").st_ino == int(inside.split("[")[1].rstrip("]"))
+        interfaces = run_in_namespace(namespace, lambda: [name for _, name in socket.if_nameindex()])
+        assert interfaces == ["lo"]
+        assert os.readlink("/proc/thread-self/ns/net") == host_namespace
+
+        def fail() -> None:
+            raise ValueError("raised inside")
+
+        with pytest.raises(ValueError, match="raised inside"):
+            run_in_namespace(namespace, fail)
+    finally:
+        remove_netns(namespace, "test")
+    assert namespace not in netns_names()
+    with pytest.raises(OSError):
+        run_in_namespace(namespace, lambda: None)

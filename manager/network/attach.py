@@ -28,6 +28,7 @@ from manager.network.bridge import (
     pick_subnet,
 )
 from manager.network.ipam import AddressPool, PoolExhausted
+from manager.network.namespaces import create_namespace, run_in_namespace
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +98,20 @@ class ContainerNetwork:
         return attachment
 
     def _attach_bridge(self, container_id: str) -> Attachment:
-        gateway = self._ensure_bridge()
         namespace = names.netns_name(self.manager_id, container_id)
         veth = names.veth_name(self.manager_id, container_id)
-        if (NETNS_DIR / namespace).exists() or self._link_exists(veth):
-            log.warning(
-                "container %s: removing leftover namespace %s and veth %s",
-                container_id, namespace, veth,
-            )
-            self._remove_interfaces(container_id)
-
-        address = self.pool.allocate(container_id, gateway.network, self._unrecorded_addresses)
-        netns.create(namespace)
+        # One host netlink socket for every step outside the namespace.
         with IPRoute() as ipr:
+            gateway = self._ensure_bridge(ipr)
+            if (NETNS_DIR / namespace).exists() or ipr.link_lookup(ifname=veth):
+                log.warning(
+                    "container %s: removing leftover namespace %s and veth %s",
+                    container_id, namespace, veth,
+                )
+                self._remove_interfaces(container_id)
+
+            address = self.pool.allocate(container_id, gateway.network, self._unrecorded_addresses)
+            create_namespace(namespace)
             ipr.link(
                 "add",
                 ifname=veth,
@@ -119,12 +121,16 @@ class ContainerNetwork:
             bridge_index = ipr.link_lookup(ifname=self.bridge)[0]
             veth_index = ipr.link_lookup(ifname=veth)[0]
             ipr.link("set", index=veth_index, master=bridge_index, state="up")
-        with IPRoute(netns=namespace, flags=0) as inside:
-            inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
-            eth0 = inside.link_lookup(ifname=CONTAINER_INTERFACE)[0]
-            inside.addr("add", index=eth0, address=str(address), prefixlen=gateway.network.prefixlen)
-            inside.link("set", index=eth0, state="up")
-            inside.route("add", dst="0.0.0.0/0", gateway=str(gateway.ip))
+
+        def configure_inside() -> None:
+            with IPRoute() as inside:
+                inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
+                eth0 = inside.link_lookup(ifname=CONTAINER_INTERFACE)[0]
+                inside.addr("add", index=eth0, address=str(address), prefixlen=gateway.network.prefixlen)
+                inside.link("set", index=eth0, state="up")
+                inside.route("add", dst="0.0.0.0/0", gateway=str(gateway.ip))
+
+        run_in_namespace(namespace, configure_inside)
         log.info(
             "container %s: interface %s in namespace %s has address %s/%d, veth %s on bridge %s",
             container_id, CONTAINER_INTERFACE, namespace, address,
@@ -132,11 +138,10 @@ class ContainerNetwork:
         )
         return Attachment(mode="bridge", address=str(address), netns_path=str(NETNS_DIR / namespace))
 
-    def _ensure_bridge(self) -> ipaddress.IPv4Interface:
+    def _ensure_bridge(self, ipr: IPRoute) -> ipaddress.IPv4Interface:
         with self._lock:
-            with IPRoute() as ipr:
-                subnet = self._subnet(ipr)
-                self._gateway = ensure_bridge(ipr, self.bridge, subnet)
+            subnet = self._subnet(ipr)
+            self._gateway = ensure_bridge(ipr, self.bridge, subnet)
             return self._gateway
 
     def _subnet(self, ipr: IPRoute) -> ipaddress.IPv4Network:
@@ -161,8 +166,7 @@ class ContainerNetwork:
             if container_id is None or container_id in recorded:
                 continue
             try:
-                with IPRoute(netns=namespace, flags=0) as inside:
-                    addresses = ipv4_interfaces(inside)
+                addresses = run_in_namespace(namespace, read_namespace_addresses)
             except NETLINK_ERRORS as exc:
                 log.warning(
                     "container %s: cannot read the addresses in namespace %s: %s",
@@ -199,11 +203,6 @@ class ContainerNetwork:
         namespace = names.netns_name(self.manager_id, container_id)
         delete_link(veth, f"container {container_id}")
         remove_netns(namespace, container_id)
-
-    @staticmethod
-    def _link_exists(ifname: str) -> bool:
-        with IPRoute() as ipr:
-            return bool(ipr.link_lookup(ifname=ifname))
 
     # --- startup sweep ----------------------------------------------------
 
@@ -246,6 +245,12 @@ class ContainerNetwork:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
+
+
+def read_namespace_addresses() -> list[ipaddress.IPv4Interface]:
+    """Return the IPv4 addresses of the calling thread's network namespace."""
+    with IPRoute() as inside:
+        return ipv4_interfaces(inside)
 
 
 def delete_link(ifname: str, owner: str) -> None:
