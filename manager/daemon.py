@@ -1,7 +1,8 @@
 """The manager process: wires the store, registry, handlers and broker.
 
-The broker's serving thread runs the consumers and :meth:`Manager.periodic`;
-command handlers run on a thread pool.
+The broker's serving thread consumes commands and runs
+:meth:`Manager.periodic`; command handlers run on a thread pool, and
+:meth:`Manager.on_heartbeat` runs on the heartbeat consumer's thread.
 """
 
 import concurrent.futures
@@ -237,6 +238,8 @@ class Manager:
             self.broker.reply_json(each_properties, reply_json)
             self.broker.settle(each_tag, each_generation, accept=True)
 
+    # --- heartbeat consumer thread -------------------------------------------
+
     def on_heartbeat(self, body: bytes) -> HeartbeatReply | None:
         try:
             beat = Heartbeat.model_validate_json(body)
@@ -245,6 +248,8 @@ class Manager:
             return None
         adopting = time.monotonic() - self.started < self.config.adopt_window
         return answer_heartbeat(self.registry, beat, self.epoch, adopting)
+
+    # --- serving thread ---------------------------------------------------
 
     def periodic(self) -> None:
         now = time.monotonic()
@@ -261,13 +266,17 @@ class Manager:
             ):
                 self._check_assistant(container_id)
                 continue
-            silent = self.registry.silent_for(container_id)
-            if record.info.state != ContainerState.LOST and silent > self.config.lost_after:
-                self.registry.transition(
-                    container_id,
-                    ContainerState.LOST,
-                    message=f"no heartbeat for {silent:.1f} s",
-                )
+            # Checked again under the lock, because the heartbeat thread may
+            # have recorded a heartbeat or a state change since active().
+            with self.registry.lock:
+                silent = self.registry.silent_for(container_id)
+                state = self.registry.records[container_id].info.state
+                if state in ACTIVE and state != ContainerState.LOST and silent > self.config.lost_after:
+                    self.registry.transition(
+                        container_id,
+                        ContainerState.LOST,
+                        message=f"no heartbeat for {silent:.1f} s",
+                    )
 
     def _check_assistant(self, container_id: str) -> None:
         """Record the end of a container whose assistant is gone, off this thread."""
