@@ -7,6 +7,7 @@ The broker's serving thread consumes commands and runs
 
 import concurrent.futures
 import functools
+import gc
 import hashlib
 import os
 import logging
@@ -102,6 +103,13 @@ class Manager:
         self.handlers.sweep_orphans()
         known = {cid for cid, record in self.registry.records.items() if record.info.state != ContainerState.DELETED}
         self.handlers.network.sweep(known)  # veths, namespaces and addresses of unknown containers
+        # A full collection walks every tracked object and pauses every
+        # thread meanwhile, heartbeat replies included. The imports alone
+        # leave about 50,000 objects that live as long as the process, and
+        # walking them took about 30 ms of CPU (Python 3.11.7, 2 vCPUs).
+        # Frozen objects are never walked or collected.
+        gc.freeze()
+        log.info("moved %d start-up objects out of garbage collection", gc.get_freeze_count())
         self.started = time.monotonic()
         try:
             self.broker.serve(self.stopping)
