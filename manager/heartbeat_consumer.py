@@ -3,16 +3,25 @@
 Every container's assistant sends a heartbeat about once a second and
 waits for the reply, so heartbeats are the manager's most frequent
 messages and need short reply times. They get a pika ``SelectConnection``
-on a thread of their own, so that commands, control orders, confirmed
-event publishing and periodic checks on the broker's serving thread never
-delay them.
+on a thread of their own, so that they no longer wait behind commands,
+control orders, confirmed event publishing and periodic checks on the
+broker's serving thread. The threads still share the GIL and
+``registry.lock``.
 
-``SelectConnection`` also batches the replies. Its ``basic_publish`` only
-appends to the transport's buffer, and the I/O loop sends the whole
-buffer once the socket is writable, which is after every delivery read in
-the same pass has got its reply. ``BlockingChannel.basic_publish`` runs
-the I/O loop until its buffer is empty for every message instead
-(pika 1.4.4, ``BlockingConnection._flush_output``).
+``SelectConnection`` also does less I/O-loop work per reply. Its
+``basic_publish`` only appends the reply's frames to the transport's
+buffer, and the I/O loop writes them when the socket is next writable,
+after every delivery read in the same pass has got its reply.
+``BlockingChannel.basic_publish`` instead runs a pass of the I/O loop
+for every message, switching the socket's write watch on and off
+(pika 1.4.4, ``BlockingConnection._flush_output``). strace of the whole
+manager process over 10,000 replies counted 2,704 ``epoll_ctl`` and
+2,712 ``epoll_wait`` calls with this consumer, against 20,098 and 11,093
+when the serving thread's blocking channel replied.
+
+NOTE: pika 1.4.4 still sends every buffered frame with its own
+``send()`` (``_AsyncTransportBase._produce``), so each reply costs three
+``sendto`` calls with either adapter.
 
 Threading: pika objects of this connection are used only on the consumer
 thread. :meth:`HeartbeatConsumer.start` and :meth:`HeartbeatConsumer.stop`
