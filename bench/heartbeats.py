@@ -12,7 +12,7 @@ against:
   that the manager has no record of, which it rejects with ``nack`` and a
   warning in its log per heartbeat.
 - echo: a process that consumes a queue and publishes a fixed reply for
-  each message, with pika's BlockingConnection as the manager does.
+  each message, with pika's BlockingConnection.
 
 CPU per heartbeat is the consumer's utime + stime delta (/proc/PID/stat)
 over the load window divided by the replies received. Levels and

@@ -1,10 +1,14 @@
-"""The manager's connection to RabbitMQ.
+"""The manager's connections to RabbitMQ.
 
-Threading: only the thread inside :meth:`Broker.serve` calls pika. Worker
-threads hand work to it with :meth:`Broker.call` (waits for the result)
-or :meth:`Broker.submit` (does not wait); both go through pika's
-``add_callback_threadsafe``, whose callbacks run only from
-``process_data_events`` on the serving thread.
+Threading: the thread inside :meth:`Broker.serve` owns the main
+connection, which consumes commands, sends replies and control orders and
+publishes events. Worker threads hand work to it with :meth:`Broker.call`
+(waits for the result) or :meth:`Broker.submit` (does not wait); both go
+through pika's ``add_callback_threadsafe``, whose callbacks run only from
+``process_data_events`` on the serving thread. Heartbeats are consumed on
+a second connection with a thread of its own
+(:class:`manager.heartbeat_consumer.HeartbeatConsumer`), which the serving
+thread starts after each connect and stops before each reconnect.
 """
 
 import concurrent.futures
@@ -25,6 +29,7 @@ from tenacity import (
 )
 
 from manager.config import ManagerConfig
+from manager.heartbeat_consumer import HeartbeatConsumer
 from manager.store import Store
 from messages import names
 from messages.brokers import connection_parameters, retryable_broker_error
@@ -51,6 +56,9 @@ manager rejects one on its MAX_DELIVERIES-th delivery already, with a reply."""
 MAX_DELIVERIES = 3
 """Deliveries of one command the manager attempts. A command still not done
 after that has crashed the manager each time, so it gets an error reply."""
+
+HEARTBEAT_START_TIMEOUT = 30.0
+"""Seconds to wait for the heartbeat connection to open and its consumer to start."""
 
 SHUTDOWN_TIMEOUT = 30.0
 """Seconds a stopping manager waits for commands in progress to reply."""
@@ -92,7 +100,7 @@ class Broker:
         self.config = config
         self.store = store
         self.on_command = on_command
-        self.on_heartbeat = on_heartbeat
+        self.heartbeats = HeartbeatConsumer(names.heartbeat_queue(config.manager_id), on_heartbeat)
         self.periodic = periodic
         self.in_flight = in_flight
         self.connect_timeout = connect_timeout
@@ -154,6 +162,10 @@ class Broker:
                 log.warning("broker connection lost (%r); reconnecting", exc)
             finally:
                 self.connected.clear()
+                # Heartbeat replies stop with the main connection, because
+                # it owns the lock queue. Without it, another manager with
+                # this id may be serving already.
+                self.heartbeats.stop()
                 connection, self._connection = self._connection, None
                 if connection is not None and connection.is_open:
                     try:
@@ -207,14 +219,26 @@ class Broker:
         # A broker resource alarm blocks publishing; past
         # blocked_connection_timeout seconds pika drops the connection
         # instead of hanging, and the manager reconnects.
+        # The names tell the two connections apart in rabbitmqctl list_connections.
+        name = f"berth-manager {self.config.manager_id}"
         parameters = connection_parameters(
-            self.config.amqp_url, connection_attempts=1, blocked_connection_timeout=10.0
+            self.config.amqp_url,
+            connection_attempts=1,
+            blocked_connection_timeout=10.0,
+            client_properties={"connection_name": name},
+        )
+        heartbeat_parameters = connection_parameters(
+            self.config.amqp_url,
+            connection_attempts=1,
+            blocked_connection_timeout=10.0,
+            client_properties={"connection_name": f"{name} heartbeats"},
         )
         connection = pika.BlockingConnection(parameters)
         try:
             self._take_lock(connection)
             self._declare(connection)
-        except pika.exceptions.AMQPChannelError:
+            self.heartbeats.start(heartbeat_parameters, timeout=HEARTBEAT_START_TIMEOUT)
+        except pika.exceptions.AMQPError:
             if connection.is_open:
                 connection.close()
             raise
@@ -286,11 +310,6 @@ class Broker:
         self._commands.basic_qos(prefetch_count=self.config.prefetch)
         self._commands.basic_consume(command_queue, self._on_command_delivery)
 
-        self._heartbeats = connection.channel()
-        self._heartbeats.basic_consume(
-            names.heartbeat_queue(manager_id), self._on_heartbeat_delivery, auto_ack=True
-        )
-
         self._confirmed = connection.channel()
         self._confirmed.confirm_delivery()
 
@@ -298,13 +317,9 @@ class Broker:
         # delivery acknowledgement timeout. A silent stall would follow, so
         # the manager reconnects and declares everything again.
         self._cancelled: str | None = None
-        for channel, queue in (
-            (self._commands, command_queue),
-            (self._heartbeats, names.heartbeat_queue(manager_id)),
-        ):
-            channel.add_on_cancel_callback(
-                lambda frame, queue=queue: self._on_consumer_cancelled(queue)
-            )
+        self._commands.add_on_cancel_callback(
+            lambda frame: self._on_consumer_cancelled(command_queue)
+        )
 
     def _on_consumer_cancelled(self, queue: str) -> None:
         log.error("the broker cancelled the consumer of %s; reconnecting", queue)
@@ -321,6 +336,11 @@ class Broker:
         self._connection.process_data_events(time_limit=LOOP_TICK)
         if self._cancelled is not None:
             raise ConsumerCancelled(f"consumer of {self._cancelled} cancelled by the broker")
+        failure = self.heartbeats.failure
+        if isinstance(failure, pika.exceptions.AMQPError):
+            raise failure  # its connection was lost, or the broker cancelled its consumer
+        if failure is not None:
+            raise ConsumerCancelled(f"the heartbeat consumer failed: {failure!r}") from failure
         self.periodic()
         if self._outbox_dirty:
             self._publish_outbox()
@@ -362,18 +382,6 @@ class Broker:
         )
         self.reply(properties, Reply(request_id=properties.correlation_id, ok=False, error=error))
         self.settle(delivery_tag, self.generation, accept=False)
-
-    def _on_heartbeat_delivery(self, channel, method, properties, body: bytes) -> None:
-        reply = self.on_heartbeat(body)
-        if reply is not None and properties.reply_to:
-            channel.basic_publish(
-                "",
-                properties.reply_to,
-                reply.model_dump_json().encode(),
-                pika.BasicProperties(
-                    content_type="application/json", correlation_id=properties.correlation_id
-                ),
-            )
 
     def _publish_outbox(self) -> None:
         self._outbox_dirty = False

@@ -1,11 +1,13 @@
 """The manager process: wires the store, registry, handlers and broker.
 
-The broker's serving thread runs the consumers and :meth:`Manager.periodic`;
-command handlers run on a thread pool.
+The broker's serving thread consumes commands and runs
+:meth:`Manager.periodic`; command handlers run on a thread pool, and
+:meth:`Manager.on_heartbeat` runs on the heartbeat consumer's thread.
 """
 
 import concurrent.futures
 import functools
+import gc
 import hashlib
 import os
 import logging
@@ -101,6 +103,13 @@ class Manager:
         self.handlers.sweep_orphans()
         known = {cid for cid, record in self.registry.records.items() if record.info.state != ContainerState.DELETED}
         self.handlers.network.sweep(known)  # veths, namespaces and addresses of unknown containers
+        # A full collection walks every tracked object and pauses every
+        # thread meanwhile, heartbeat replies included. The imports alone
+        # leave about 50,000 objects that live as long as the process, and
+        # walking them took about 30 ms of CPU (Python 3.11.7, 2 vCPUs).
+        # Frozen objects are never walked or collected.
+        gc.freeze()
+        log.info("moved %d start-up objects out of garbage collection", gc.get_freeze_count())
         self.started = time.monotonic()
         try:
             self.broker.serve(self.stopping)
@@ -237,6 +246,8 @@ class Manager:
             self.broker.reply_json(each_properties, reply_json)
             self.broker.settle(each_tag, each_generation, accept=True)
 
+    # --- heartbeat consumer thread -------------------------------------------
+
     def on_heartbeat(self, body: bytes) -> HeartbeatReply | None:
         try:
             beat = Heartbeat.model_validate_json(body)
@@ -245,6 +256,8 @@ class Manager:
             return None
         adopting = time.monotonic() - self.started < self.config.adopt_window
         return answer_heartbeat(self.registry, beat, self.epoch, adopting)
+
+    # --- serving thread ---------------------------------------------------
 
     def periodic(self) -> None:
         now = time.monotonic()
@@ -261,13 +274,17 @@ class Manager:
             ):
                 self._check_assistant(container_id)
                 continue
-            silent = self.registry.silent_for(container_id)
-            if record.info.state != ContainerState.LOST and silent > self.config.lost_after:
-                self.registry.transition(
-                    container_id,
-                    ContainerState.LOST,
-                    message=f"no heartbeat for {silent:.1f} s",
-                )
+            # Checked again under the lock, because the heartbeat thread may
+            # have recorded a heartbeat or a state change since active().
+            with self.registry.lock:
+                silent = self.registry.silent_for(container_id)
+                state = self.registry.records[container_id].info.state
+                if state in ACTIVE and state != ContainerState.LOST and silent > self.config.lost_after:
+                    self.registry.transition(
+                        container_id,
+                        ContainerState.LOST,
+                        message=f"no heartbeat for {silent:.1f} s",
+                    )
 
     def _check_assistant(self, container_id: str) -> None:
         """Record the end of a container whose assistant is gone, off this thread."""

@@ -1,7 +1,9 @@
 """Answers to assistant heartbeats, and the state changes they report.
 
-Runs on the manager's I/O thread, so it does no slow work: a lookup, at
-most one SQLite transaction, and a reply.
+Runs on the manager's heartbeat consumer thread, next to the command
+threads and the broker's serving thread, so every step takes
+``registry.lock``. It does no slow work: a lookup, at most one SQLite
+transaction, and a reply.
 """
 
 import logging

@@ -20,6 +20,7 @@ from messages.models import (
     ExitReason,
     HeartbeatReply,
     Verdict,
+    utc_now,
 )
 from tests.helpers import ManagerProcess, pid_alive, wait_until
 from tests.proxy import TcpProxy
@@ -373,6 +374,65 @@ def test_deleted_command_queue_is_redeclared(manager):
         channel.close()
         assert wait_until(lambda: _answers(client), 30)
     assert "cancelled the consumer" in manager.log_path.read_text()
+
+
+def _heartbeat_after(client: Client, container_id: str, moment) -> bool:
+    info = client.request({"command": "inspect", "id": container_id}).container
+    return info.last_heartbeat_at is not None and info.last_heartbeat_at > moment
+
+
+def test_deleted_heartbeat_queue_is_redeclared(manager):
+    queue = names.heartbeat_queue(manager.manager_id)
+    with manager.client() as client:
+        pid = client.request({"command": "run", "id": "beats", "argv": ["sleep", "infinity"]}).container.pid
+        channel = client._connection.channel()
+        channel.queue_delete(queue)
+        channel.close()
+        assert wait_until(lambda: f"cancelled the consumer of {queue}" in manager.log_path.read_text(), 15)
+        assert wait_until(lambda: _answers(client), 30)
+        recovered = utc_now()
+        assert wait_until(lambda: _heartbeat_after(client, "beats", recovered), 15)
+        info = client.request({"command": "inspect", "id": "beats"}).container
+        assert info.state == ContainerState.RUNNING
+        assert pid_alive(pid)
+        client.request({"command": "delete", "id": "beats", "force": True})
+
+
+def _connection_pid(rabbitmq_node, name: str) -> str | None:
+    """Return the broker's pid of the client connection named ``name``, if there is one."""
+    listed = rabbitmq_node.ctl(
+        "--quiet", "list_connections", "--no-table-headers", "pid", "client_properties"
+    )
+    for line in listed.stdout.splitlines():
+        pid, _, properties = line.partition("\t")
+        # The properties are an Erlang list, and the name is a quoted string in it.
+        if f'"{name}"' in properties:
+            return pid
+    return None
+
+
+def test_lost_heartbeat_connection_recovers(rabbitmq_node, amqp_url, run_prefix, tmp_path):
+    manager = new_manager(amqp_url, run_prefix, tmp_path / "manager", heartbeat_timeout=15.0)
+    manager.start()
+    name = f"berth-manager {manager.manager_id} heartbeats"
+    try:
+        with manager.client() as client:
+            pid = client.request({"command": "run", "id": "beats", "argv": ["sleep", "infinity"]}).container.pid
+            closed = _connection_pid(rabbitmq_node, name)
+            assert closed is not None
+            rabbitmq_node.ctl("close_connection", closed, "closed by the test")
+
+            assert wait_until(lambda: "heartbeat connection" in manager.log_path.read_text(), 15)
+            assert wait_until(lambda: _connection_pid(rabbitmq_node, name) not in (None, closed), 30)
+            assert wait_until(lambda: _answers(client), 30)
+            recovered = utc_now()
+            assert wait_until(lambda: _heartbeat_after(client, "beats", recovered), 15)
+            info = client.request({"command": "inspect", "id": "beats"}).container
+            assert info.state == ContainerState.RUNNING
+            assert pid_alive(pid)
+            client.request({"command": "delete", "id": "beats", "force": True})
+    finally:
+        manager.cleanup()
 
 
 def test_manager_killed_mid_create_leaves_nothing(manager):
