@@ -111,6 +111,14 @@ class Assistants:
                     del self._forked[container_id]
         return ended
 
+    def reaped_alive(self, container_id: str, pid: int | None) -> bool:
+        """Tell whether the last :meth:`reap` found this forked assistant alive.
+
+        Saves a second read of /proc per container and check.
+        """
+        with self._lock:
+            return pid is not None and self._forked.get(container_id) == pid
+
     def _zygote_child_alive(self, pid: int) -> bool:
         return self._zygote is not None and self._zygote.is_child(pid)
 

@@ -269,8 +269,9 @@ class Manager:
             self._check_assistant(container_id)
         for record in self.registry.active():
             container_id = record.info.id
-            if not self.assistants.is_alive(
-                container_id, record.info.assistant_pid, self.handlers.paths(container_id).root
+            pid = record.info.assistant_pid
+            if not self.assistants.reaped_alive(container_id, pid) and not self.assistants.is_alive(
+                container_id, pid, self.handlers.paths(container_id).root
             ):
                 self._check_assistant(container_id)
                 continue
