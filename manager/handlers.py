@@ -444,9 +444,9 @@ class Handlers:
     def force_runc_cleanup(self, container_id: str) -> None:
         """Kill every process of the container and remove its runc state."""
         if not (self.runc.root / container_id).exists():
-            # runc keeps a container's state in <root>/<id>, and the
-            # assistant normally deletes it before it reports the exit, so
-            # this saves starting runc once per delete.
+            # runc keeps a container's state in <root>/<id>. The assistant
+            # deletes it before it ends, and a delete waits for that end,
+            # so this check saves starting runc once per delete.
             return
         try:
             if self.runc.state(container_id) is None:
