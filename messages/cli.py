@@ -848,7 +848,8 @@ def check_pattern(pattern: str) -> None:
     "--queue",
     metavar="NAME",
     help="Read from a durable queue of this name, which keeps events while"
-    " nobody reads them (between runs, during a broker outage).",
+    " nobody reads them (between runs, during a broker outage). The queue keeps"
+    " the patterns of earlier runs too; delete it to change the pattern.",
 )
 @json_option
 @click.pass_context
@@ -882,6 +883,9 @@ def events(ctx: click.Context, pattern: str, count: int | None, queue: str | Non
                 break
     except KeyboardInterrupt:
         pass
+    # Acknowledges the last event printed, which a named queue would
+    # otherwise deliver again to the next reader.
+    subscription.close()
 
 
 def main() -> None:

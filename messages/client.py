@@ -248,12 +248,20 @@ class Client:
 _event_adapter = TypeAdapter(Event)
 
 
+EVENT_PREFETCH = 100
+"""Unacknowledged events a named event queue hands to one subscriber at a time."""
+
+
 def check_queue_name(name: str) -> None:
-    """Raise ValueError for a name that RabbitMQ would refuse for an event queue."""
-    if not name or name.startswith("amq.") or len(name.encode()) > 255:
+    """Raise ValueError for a name unusable for an event queue.
+
+    RabbitMQ rejects empty-looking, reserved ``amq.`` and over-long names,
+    and ``berth.`` names are berth's own queues.
+    """
+    if not name or name.startswith(("amq.", "berth.")) or len(name.encode()) > 255:
         raise ValueError(
             f"{name!r} is not a usable queue name: give a non-empty name of at most"
-            " 255 bytes that does not start with 'amq.'"
+            " 255 bytes that starts with neither 'amq.' nor 'berth.'"
         )
 
 
@@ -262,6 +270,11 @@ class Subscription:
 
     When the connection is lost, :meth:`get` reconnects the client and binds
     the queue again, for up to the client's ``reconnect_timeout``.
+
+    From a named queue, an event is acknowledged only when the next
+    :meth:`get` or :meth:`close` call shows that the caller is done with
+    it. A subscriber that dies before that gets it again next time, so
+    delivery is at least once; ``event_id`` identifies repeats.
     """
 
     def __init__(self, client: Client, pattern: str, queue: str | None = None):
@@ -270,7 +283,9 @@ class Subscription:
         self._client = client
         self.pattern = pattern
         self.durable_queue = queue
-        self._events: collections.deque[Event] = collections.deque()
+        self._events: collections.deque[tuple[Any, int, Event]] = collections.deque()
+        self._returned: tuple[Any, int] | None = None
+        """Channel and delivery tag of the event last returned, not yet acknowledged."""
         self._channel = None
         self._open()
 
@@ -287,32 +302,57 @@ class Subscription:
                 self.durable_queue, durable=True, arguments={"x-queue-type": "quorum"}
             ).method.queue
         channel.queue_bind(queue, names.EVENT_EXCHANGE, routing_key=self.pattern)
-        channel.basic_consume(queue, self._on_event, auto_ack=True)
+        if self.durable_queue is not None:
+            channel.basic_qos(prefetch_count=EVENT_PREFETCH)
+        channel.basic_consume(queue, self._on_event, auto_ack=self.durable_queue is None)
         self._channel = channel
 
     def _on_event(self, channel, method, properties, body: bytes) -> None:
         try:
-            self._events.append(_event_adapter.validate_json(body))
+            event = _event_adapter.validate_json(body)
         except ValueError as exc:
             log.warning("ignoring an invalid event %r: %s", body[:200], exc)
+            if self.durable_queue is not None:
+                channel.basic_ack(method.delivery_tag)
+            return
+        self._events.append((channel, method.delivery_tag, event))
+
+    def _ack_returned(self) -> None:
+        """Acknowledge the event last returned, if its channel still exists."""
+        returned, self._returned = self._returned, None
+        if returned is None or self.durable_queue is None:
+            return
+        channel, tag = returned
+        if channel.is_open:
+            channel.basic_ack(tag)
+        # On a closed channel the broker has put the event back in the queue.
 
     def get(self, timeout: float) -> Event | None:
         """Return the next event, or None when none arrives within ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while not self._events:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
+        try:
+            self._ack_returned()
+            while not self._events:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
                 self._client._retrying(self._reconnect_before_retry)(self._wait, remaining)
-            except pika.exceptions.AMQPError as exc:
-                raise BrokerUnavailable(
-                    f"following events {self.pattern!r} failed: {exc!r}"
-                ) from exc
-        return self._events.popleft()
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(
+                f"following events {self.pattern!r} failed: {exc!r}; check that the"
+                f" broker at {redact_url(self._client.url)} runs"
+            ) from exc
+        channel, tag, event = self._events.popleft()
+        self._returned = (channel, tag)
+        return event
 
     def _wait(self, remaining: float) -> None:
-        self._client._connection.process_data_events(time_limit=min(remaining, 0.5))
+        connection = self._client._connection
+        if not connection.is_open:
+            # A reconnect that failed leaves the closed connection in place,
+            # and pika fails on it with errors of its own.
+            raise pika.exceptions.ConnectionWrongStateError("the broker connection is closed")
+        connection.process_data_events(time_limit=min(remaining, 0.5))
 
     def _reconnect_before_retry(self, state: RetryCallState) -> None:
         if self.durable_queue is None:
@@ -331,7 +371,12 @@ class Subscription:
                 yield event
 
     def close(self) -> None:
+        """Acknowledge the event last returned and stop following."""
         if self in self._client._subscriptions:
             self._client._subscriptions.remove(self)
-        if self._channel is not None and self._channel.is_open:
-            self._channel.close()
+        try:
+            self._ack_returned()
+            if self._channel is not None and self._channel.is_open:
+                self._channel.close()
+        except pika.exceptions.AMQPError as exc:
+            log.warning("closing the subscription to %r failed: %r", self.pattern, exc)

@@ -48,6 +48,9 @@ class FakeSubscription:
     def __iter__(self):
         return iter(self.events)
 
+    def close(self) -> None:
+        pass
+
 
 class FakeBroker:
     """Fake broker and manager behind ``messages.cli.Client``.

@@ -13,7 +13,7 @@ import pytest
 from assistant.config import AssistantConfig
 from assistant.supervisor import Supervisor
 from messages import names
-from messages.client import Client
+from messages.client import BrokerUnavailable, Client
 from messages.models import (
     ContainerState,
     ErrorCode,
@@ -326,6 +326,45 @@ def test_subscription_survives_outage(amqp_url, manager, durable):
         if durable:
             with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
                 connection.channel().queue_delete(queue)
+
+
+def test_named_queue_redelivers_unfinished_event(amqp_url, manager):
+    """An event returned but not followed by another get() or close() comes back."""
+    queue = f"events-{manager.manager_id}-redeliver"
+    try:
+        with manager.client() as client:
+            client.subscribe(f"{manager.manager_id}.#", queue=queue).close()  # binds the queue
+            for container_id in ("r1", "r2"):
+                client.request({"command": "create", "id": container_id, "argv": ["true"]})
+        with manager.client() as reader:
+            first = reader.subscribe(f"{manager.manager_id}.#", queue=queue).get(10)
+            assert first.container_id == "r1"
+            # The reader ends without asking for more: r1 is not acknowledged.
+        with manager.client() as reader:
+            subscription = reader.subscribe(f"{manager.manager_id}.#", queue=queue)
+            again = subscription.get(10)
+            assert again.event_id == first.event_id
+            assert subscription.get(10).container_id == "r2"
+            subscription.close()
+        with manager.client() as reader:
+            assert reader.subscribe(f"{manager.manager_id}.#", queue=queue).get(2) is None
+    finally:
+        with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+            connection.channel().queue_delete(queue)
+
+
+def test_subscription_fails_cleanly_when_broker_stays_away(amqp_url, manager):
+    target = pika.URLParameters(amqp_url)
+    proxy = TcpProxy(target.host, target.port)
+    try:
+        with Client(proxy.url(), manager.manager_id, reconnect_timeout=2.0) as watcher:
+            subscription = watcher.subscribe(f"{manager.manager_id}.#")
+            proxy.refuse = True
+            assert proxy.cut() == 1
+            with pytest.raises(BrokerUnavailable, match="check that the broker"):
+                subscription.get(30)
+    finally:
+        proxy.close()
 
 
 def test_poison_command_dead_lettered(amqp_url, run_prefix, tmp_path):
