@@ -9,6 +9,7 @@ import click
 
 from manager.config import ManagerConfig
 from manager.daemon import Manager
+from messages.brokers import check_urls
 
 
 @click.command(context_settings={"show_default": True, "max_content_width": 100})
@@ -47,6 +48,10 @@ def main(amqp_url, manager_id, state_dir, runc_binary, runc_root, init_binary, h
     logging.getLogger("pika.adapters.utils.connection_workflow").setLevel(logging.CRITICAL)
     logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.CRITICAL)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # DEBUG logs every netlink message
+    try:
+        check_urls(amqp_url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--amqp-url'") from None
     options = {"manager_id": manager_id} if manager_id else {}
     try:
         config = ManagerConfig(

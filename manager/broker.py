@@ -25,6 +25,7 @@ from tenacity import (
     retry_if_exception,
     stop_after_delay,
     stop_never,
+    stop_when_event_set,
     wait_exponential_jitter,
 )
 
@@ -179,7 +180,10 @@ class Broker:
             retry=retry_if_exception(_retryable),
             wait=wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5),
             # 0 means no limit: keep retrying for as long as the broker is away.
-            stop=stop_after_delay(self.connect_timeout) if self.connect_timeout else stop_never,
+            # A SIGTERM or SIGINT sets ``stopping``, which ends the wait at once.
+            stop=(stop_after_delay(self.connect_timeout) if self.connect_timeout else stop_never)
+            | stop_when_event_set(stopping),
+            sleep=stopping.wait,
             before_sleep=lambda state: log.warning(
                 "cannot reach broker %s (%r); retry %d in %.1f s",
                 redact(url),
@@ -191,29 +195,38 @@ class Broker:
         )
         try:
             retrying(self._open)
-        except (
-            pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.ProbableAccessDeniedError,
-        ) as exc:
-            raise BrokerError(
+        except Exception as exc:
+            if stopping.is_set():
+                log.info(
+                    "manager %s stops before reaching the broker (%r)", self.config.manager_id, exc
+                )
+                return
+            self._raise_connect_error(url, exc)
+
+    def _raise_connect_error(self, url: str, error: Exception) -> None:
+        """Raise BrokerError naming the cause of a failed connect and what to check."""
+        if isinstance(
+            error,
+            (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError),
+        ):
+            message = (
                 f"authentication failed at broker {redact(url)}: check the user and"
                 " password in the AMQP URL"
-            ) from exc
-        except pika.exceptions.AMQPConnectionError as exc:
-            raise BrokerError(
-                f"broker {redact(url)} unreachable for {self.connect_timeout:.0f} s: {exc!r}"
-            ) from exc
-        except ManagerIdInUse as exc:
-            raise BrokerError(
-                f"{exc}: stop that manager, or start this one with another --id"
-            ) from exc
-        except pika.exceptions.AMQPChannelError as exc:
-            raise BrokerError(
-                f"declaring berth's exchanges and queues at {redact(url)} failed: {exc!r}."
+            )
+        elif isinstance(error, pika.exceptions.AMQPConnectionError):
+            message = f"broker {redact(url)} unreachable for {self.connect_timeout:.0f} s: {error!r}"
+        elif isinstance(error, ManagerIdInUse):
+            message = f"{error}: stop that manager, or start this one with another --id"
+        elif isinstance(error, pika.exceptions.AMQPChannelError):
+            message = (
+                f"declaring berth's exchanges and queues at {redact(url)} failed: {error!r}."
                 " Either one of them exists with other arguments (delete it with"
                 " rabbitmqctl delete_queue NAME and start again), or the cluster node"
                 " holding it stayed down for the whole --connect-timeout"
-            ) from exc
+            )
+        else:
+            raise error
+        raise BrokerError(message) from error
 
     def _open(self) -> None:
         # A broker resource alarm blocks publishing; past

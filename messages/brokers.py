@@ -5,6 +5,8 @@ BlockingConnection takes a list of parameters and tries them in order,
 so a connection goes to the first node that accepts it.
 """
 
+import urllib.parse
+
 import pika
 import pika.exceptions
 
@@ -41,6 +43,36 @@ def split_urls(urls: str) -> list[str]:
     if not found:
         raise ValueError(f"no broker URL in {urls!r}: give amqp://user:password@host:port/vhost")
     return found
+
+
+URL_FORM = "amqp://USER:PASSWORD@HOST:PORT/VHOST, or several such URLs separated by commas"
+
+
+def check_urls(urls: str) -> None:
+    """Raise ValueError unless ``urls`` lists amqp:// or amqps:// URLs with a host.
+
+    ``urls`` is one URL or several separated by commas, tried in order.
+    The message never contains a password.
+    """
+    try:
+        parts_of_urls = [urllib.parse.urlsplit(url) for url in split_urls(urls)]
+        for parts in parts_of_urls:
+            parts.port  # noqa: B018 - reading it raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{exc}; expected {URL_FORM}") from None
+    for parts in parts_of_urls:
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            # The URL may contain a password, so only its scheme and host are shown.
+            raise ValueError(
+                f"URL with scheme {parts.scheme!r} and host {parts.hostname!r} is not an AMQP URL;"
+                f" expected {URL_FORM}"
+            )
+        try:
+            pika.URLParameters(urllib.parse.urlunsplit(parts))
+        except ValueError as exc:
+            # pika raises it for query options such as ?heartbeat=x. Its text
+            # names the option and value, never the password.
+            raise ValueError(f"{exc}; see pika's URLParameters for the query options") from None
 
 
 def connection_parameters(urls: str, **settings: object) -> list[pika.URLParameters]:

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -537,6 +538,27 @@ def test_second_manager_with_same_id_exits(manager, tmp_path):
     assert "another manager with id" in twin.log_path.read_text()
     with manager.client() as client:
         assert client.request({"command": "list"}).ok
+
+
+def test_sigterm_ends_broker_retries(run_prefix, tmp_path):
+    """A manager that keeps retrying an unreachable broker still stops on SIGTERM."""
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    manager = new_manager(
+        f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+        run_prefix,
+        tmp_path / "manager",
+        extra_args=("--connect-timeout", "0"),
+    )
+    process = manager.launch()
+    try:
+        assert wait_until(lambda: "cannot reach broker" in manager.log_tail(), 30)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert "stops before reaching the broker" in manager.log_tail()
+    finally:
+        manager.cleanup()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
