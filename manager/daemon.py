@@ -23,6 +23,7 @@ from manager.broker import Broker, BrokerError
 from manager.config import ManagerConfig
 from manager.handlers import Handlers
 from manager.heartbeats import answer_heartbeat
+from manager.network import remove_manager_network
 from manager.registry import Registry
 from manager.states import ACTIVE
 from manager.store import Store
@@ -118,10 +119,27 @@ class Manager:
             return 1
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self._remove_unused_network()
             self.assistants.close()
             self.store.close()
         log.info("manager %s stopped", self.config.manager_id)
         return 0
+
+    def _remove_unused_network(self) -> None:
+        """Delete the manager's bridge when no container is left that could use it.
+
+        A container that still exists, running or not, keeps the bridge: its
+        workload may outlive this manager, and a restarted manager reuses it.
+        """
+        with self.registry.lock:
+            busy = self.in_flight() or self.registry.pending or any(
+                record.info.state != ContainerState.DELETED
+                for record in self.registry.records.values()
+            )
+        if busy:
+            log.info("manager %s keeps its network: containers remain", self.config.manager_id)
+            return
+        remove_manager_network(self.config.manager_id)
 
     def _on_signal(self, signum: int, frame) -> None:
         if os.getpid() != self.pid:

@@ -204,6 +204,27 @@ def test_create_delete_cycles_leave_nothing(manager):
     assert allocations(manager) == {}
 
 
+def test_stopped_manager_removes_unused_bridge(amqp_url, run_prefix, tmp_path):
+    manager = ManagerProcess(amqp_url, f"{run_prefix}-{uuid.uuid4().hex[:6]}", tmp_path / "manager")
+    bridge = names.bridge_name(manager.manager_id)
+    try:
+        manager.start()
+        with manager.client() as client:
+            client.request({"command": "run", "id": "kept", "argv": ["sleep", "infinity"]})
+        # A container that still exists keeps the bridge over a restart.
+        assert manager.stop() == 0
+        assert bridge in link_names()
+
+        manager.start()
+        with manager.client() as client:
+            client.request({"command": "delete", "id": "kept", "force": True})
+        assert manager.stop() == 0
+        assert bridge not in link_names()
+        assert manager_leftovers(manager.manager_id) == (set(), set())
+    finally:
+        manager.cleanup()
+
+
 def test_failed_create_leaves_no_network(manager):
     with manager.client() as client:
         for attempt in range(3):
