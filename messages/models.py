@@ -109,15 +109,23 @@ class CommandBase(Model):
     request_id: str = Field(default_factory=new_id, min_length=1, max_length=128)
 
 
+INT64_MAX = 2**63 - 1
+"""Largest limit runc accepts: it reads the limits of config.json as int64."""
+
+
 class Limits(Model):
     memory_bytes: int | None = Field(
-        default=None, ge=4 * 1024 * 1024, strict=True, description="memory limit in bytes"
+        default=None,
+        ge=4 * 1024 * 1024,
+        le=INT64_MAX,
+        strict=True,
+        description="memory limit in bytes, at least 4 MiB",
     )
     cpus: float | None = Field(
         default=None, gt=0, le=1024, description="CPU time as a number of cores"
     )
     pids: int | None = Field(
-        default=None, ge=1, strict=True, description="maximum number of processes"
+        default=None, ge=1, le=INT64_MAX, strict=True, description="maximum number of processes"
     )
 
 

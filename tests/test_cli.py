@@ -256,6 +256,7 @@ def test_label_with_empty_key_names_value(runner, broker):
     ("arguments", "fragments"),
     [
         (["--memory", "1m"], ["'--memory'", "1048576", "4194304"]),
+        (["--memory", "99999999999t"], ["'--memory'", "9223372036854775807"]),
         (["--cwd", "srv"], ["'--cwd'", "'srv'"]),
         (["--cpus", "0"], ["'--cpus'", "greater than 0"]),
         (["--pids", "0"], ["'--pids'"]),
