@@ -108,6 +108,14 @@ class Client:
         self._subscriptions: list[Subscription] = []
         try:
             self._connect()
+        except (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+        ) as exc:
+            raise BrokerUnavailable(
+                f"the broker at {redact_url(url)} refused the login ({exc!r}): check the"
+                " user, password and vhost in the URL"
+            ) from exc
         except pika.exceptions.AMQPConnectionError as exc:
             raise BrokerUnavailable(
                 f"cannot connect to the broker at {redact_url(url)}: {exc!r}"

@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 
 import pika
@@ -366,6 +367,15 @@ def test_subscription_fails_cleanly_when_broker_stays_away(amqp_url, manager):
                 subscription.get(30)
     finally:
         proxy.close()
+
+
+def test_client_wrong_password_names_fix(amqp_url):
+    parts = urllib.parse.urlsplit(amqp_url)
+    wrong = parts._replace(netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}")
+    with pytest.raises(BrokerUnavailable, match="refused the login") as raised:
+        Client(urllib.parse.urlunsplit(wrong), "nobody")
+    assert "check the user, password and vhost" in str(raised.value)
+    assert "not-the-password" not in str(raised.value)
 
 
 def test_poison_command_dead_lettered(amqp_url, run_prefix, tmp_path):
