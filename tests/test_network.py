@@ -18,6 +18,7 @@ import pytest
 
 from manager.network import names
 from manager.network.attach import remove_netns
+from manager.network.bridge import parse_subnet
 from manager.network.namespaces import create_namespace, run_in_namespace
 from messages.client import Client, ClientError
 from messages.models import ContainerState, ErrorCode, ExitReason
@@ -440,3 +441,24 @@ def test_namespace_helpers_leave_caller_in_host(run_prefix):
     assert namespace not in netns_names()
     with pytest.raises(OSError):
         run_in_namespace(namespace, lambda: None)
+
+
+@pytest.mark.parametrize("text", ["10.213.7.0/24", "172.20.0.0/16", "192.168.5.0/24"])
+def test_parse_subnet_accepts_private(text):
+    assert str(parse_subnet(text)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("8.8.8.0/24", "not a private range"),
+        ("100.64.0.0/24", "not a private range"),
+        ("10.0.0.0/31", "prefix length of 30 or less"),
+        ("10.0.0.1/24", "has host bits set"),
+        ("subnet", "such as 10.213.7.0/24"),
+    ],
+)
+def test_parse_subnet_rejects_value(text, fragment):
+    with pytest.raises(ValueError, match=fragment) as raised:
+        parse_subnet(text)
+    assert repr(text) in str(raised.value)

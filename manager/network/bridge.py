@@ -99,6 +99,12 @@ def bridge_subnet(ipr: IPRoute, name: str) -> ipaddress.IPv4Network | None:
     return present[0].network if present else None
 
 
+PRIVATE_BLOCKS = tuple(
+    ipaddress.IPv4Network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+)
+"""The private IPv4 ranges of RFC 1918, which container subnets must lie in."""
+
+
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
     """Parse a container subnet such as 10.213.7.0/24; raise ValueError naming the value."""
     try:
@@ -112,5 +118,12 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
         raise ValueError(
             f"invalid network subnet {text!r}: a /{subnet.prefixlen} has no room for"
             " the bridge and a container; use a prefix length of 30 or less"
+        )
+    if not any(subnet.subnet_of(block) for block in PRIVATE_BLOCKS):
+        # Routes for a public range would send the host's own traffic for
+        # those addresses to the containers instead.
+        raise ValueError(
+            f"invalid network subnet {text!r}: not a private range; use a subnet of"
+            f" {', '.join(str(block) for block in PRIVATE_BLOCKS)}"
         )
     return subnet
