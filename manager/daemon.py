@@ -119,14 +119,14 @@ class Manager:
             return 1
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
-            self._remove_unused_network()
+            self._remove_unused_resources()
             self.assistants.close()
             self.store.close()
         log.info("manager %s stopped", self.config.manager_id)
         return 0
 
-    def _remove_unused_network(self) -> None:
-        """Delete the manager's bridge when no container is left that could use it.
+    def _remove_unused_resources(self) -> None:
+        """Delete the manager's bridge and runc root when no container is left to use them.
 
         A container that still exists, running or not, keeps the bridge: its
         workload may outlive this manager, and a restarted manager reuses it.
@@ -140,6 +140,11 @@ class Manager:
             log.info("manager %s keeps its network: containers remain", self.config.manager_id)
             return
         remove_manager_network(self.config.manager_id)
+        try:
+            # Empty once runc has deleted every container; created again at start.
+            self.config.manager_runc_root.rmdir()
+        except OSError as exc:
+            log.info("runc root %s stays: %s", self.config.manager_runc_root, exc)
 
     def _on_signal(self, signum: int, frame) -> None:
         if os.getpid() != self.pid:

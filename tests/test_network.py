@@ -222,6 +222,7 @@ def test_stopped_manager_removes_unused_bridge(amqp_url, run_prefix, tmp_path):
         assert manager.stop() == 0
         assert bridge not in link_names()
         assert manager_leftovers(manager.manager_id) == (set(), set())
+        assert not (manager.runc_root / manager.manager_id).exists()
     finally:
         manager.cleanup()
 
