@@ -174,6 +174,17 @@ def pss_kib(pid: int) -> int:
     raise ValueError(f"no Pss line in /proc/{pid}/smaps_rollup")
 
 
+def total_pss_mib(pids: list[int]) -> float:
+    """Return the summed PSS of ``pids`` in MiB; pids that ended meanwhile count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            total += pss_kib(pid)
+        except (OSError, ValueError):
+            pass
+    return total / 1024
+
+
 def pids_matching(*markers: bytes) -> list[int]:
     """Return live pids whose command line contains every marker."""
     found = []

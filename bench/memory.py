@@ -22,22 +22,12 @@ from bench.common import (
     Result,
     parallel,
     pids_matching,
-    pss_kib,
+    total_pss_mib,
 )
 
 CLIENTS = 4
 SETTLE_SECONDS = 3.0
 LIST_REQUESTS = 50
-
-
-def total_pss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            total += pss_kib(pid)
-        except (OSError, ValueError):
-            pass  # ended meanwhile
-    return total / 1024
 
 
 def start_berth_containers(context: Context, manager: ManagerRun, count: int) -> None:

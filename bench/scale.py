@@ -66,7 +66,7 @@ from bench.common import (
     cpu_seconds,
     parallel,
     pids_matching,
-    pss_kib,
+    total_pss_mib,
 )
 from messages import names
 from messages.models import Heartbeat
@@ -432,16 +432,6 @@ def tasks_per_container(assistants: list[int]) -> float:
             total += tasks_of(current)
             pending.extend(children_of(current))
     return total / len(assistants) if assistants else 0.0
-
-
-def total_pss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            total += pss_kib(pid)
-        except (OSError, ValueError):
-            pass  # ended meanwhile
-    return total / 1024
 
 
 def assistant_log_problems(manager: ManagerRun, ids: list[str]) -> dict[str, int]:
