@@ -61,8 +61,7 @@ LOOP_TICK = 0.05
 MAX_WAIT = 1.0
 """Maximum seconds the main loop waits in pika. It wakes earlier for a
 delivery, an exit from the watcher, the next heartbeat or the heartbeat
-timeout; an idle assistant thus wakes about once per heartbeat instead
-of once per short tick."""
+timeout. So an idle assistant wakes about once per heartbeat."""
 
 CLEANUP_TIMEOUT = 2 * RUNC_TIMEOUT
 """Maximum seconds the assistant waits at its end for the watcher to write
@@ -161,7 +160,7 @@ class Supervisor:
 
     def _on_terminate_signal(self, signum, frame) -> None:
         # Only a flag: pika's wake-up takes locks that the interrupted main
-        # thread may hold. The main loop sees it within MAX_WAIT.
+        # thread may hold. The main loop acts on it within MAX_WAIT.
         self._terminate_requested = True
 
     def _shutdown(self) -> None:
@@ -445,7 +444,7 @@ class Supervisor:
         timeout = self.config.heartbeat_timeout
         if timeout == 0 or not self.is_alive():
             return float("inf")
-        # Just past the deadline, so that the check after the wait sees it passed.
+        # Just past the deadline, so that the check after the wait finds it passed.
         return self.last_reply + timeout + 0.001
 
     def _check_timeout(self, now: float) -> None:

@@ -473,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         ("kill-manager", "SIGKILL one host's manager, as a crash would"),
         ("start-manager", "start one host's manager again with its state"),
     ):
-        one = commands.add_parser(name, help=text)
-        one.add_argument("--dir", type=pathlib.Path, required=True, help="directory given to up")
-        one.add_argument("host", type=int, help="host number, from 1")
+        host_command = commands.add_parser(name, help=text)
+        host_command.add_argument("--dir", type=pathlib.Path, required=True, help="directory given to up")
+        host_command.add_argument("host", type=int, help="host number, from 1")
     arguments = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

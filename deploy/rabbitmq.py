@@ -64,8 +64,8 @@ INSTALL_HINT = "install it with `apt-get install rabbitmq-server`"
 # The Erlang VM accepts about as many connections as its soft limit on open
 # files allows, and a login shell often sets that limit to 1024, which a
 # thousand containers' assistants exceed. The server therefore starts with
-# its soft limit raised to the hard limit; an unlimited hard limit or a
-# failed raise leaves the inherited soft limit in place.
+# its soft limit raised to the hard limit. An unlimited hard limit, or a
+# raise that fails, leaves the inherited soft limit in place.
 RAISE_OPEN_FILES_AND_EXEC = (
     'hard=$(ulimit -H -n); [ "$hard" = unlimited ] || ulimit -S -n "$hard"; exec "$0" "$@"'
 )

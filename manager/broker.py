@@ -3,7 +3,7 @@
 Threading: the thread inside :meth:`Broker.serve` owns the main
 connection, which consumes commands, sends replies and control orders and
 publishes events. Worker threads hand work to it with :meth:`Broker.call`
-(waits for the result) or :meth:`Broker.submit` (does not wait); both go
+(waits for the result) or :meth:`Broker.submit` (does not wait). Both go
 through pika's ``add_callback_threadsafe``, whose callbacks run only from
 ``process_data_events`` on the serving thread. Heartbeats are consumed on
 a second connection with a thread of its own

@@ -113,7 +113,7 @@ class Client:
             pika.exceptions.ProbableAccessDeniedError,
         ) as exc:
             raise BrokerUnavailable(
-                f"the broker at {redact_url(url)} refused the login ({exc!r}): check the"
+                f"the broker at {redact_url(url)} rejected the login ({exc!r}): check the"
                 " user, password and vhost in the URL"
             ) from exc
         except pika.exceptions.AMQPConnectionError as exc:

@@ -522,12 +522,13 @@ def test_events_named_queue(runner, broker):
     assert broker.event_queues == ["audit"]
 
 
-@pytest.mark.parametrize("name", ["", "amq.mine", "q" * 256])
+@pytest.mark.parametrize("name", ["", "amq.mine", "berth.commands.host-a", "q" * 256])
 def test_events_unusable_queue_name(runner, broker, name):
     result = berth(runner, "events", "--queue", name)
 
     assert result.exit_code == 2
-    assert "--queue" in result.stderr and "not a usable queue name" in result.stderr
+    assert "--queue" in result.stderr
+    assert "not a usable queue name" in result.stderr
     assert broker.patterns == []
 
 
@@ -705,7 +706,7 @@ def start_events(followers: list[subprocess.Popen], environment: dict[str, str],
 
 @pytest.fixture
 def manager_run(amqp_url, run_prefix, tmp_path):
-    """A manager child process; the test itself waits until it answers."""
+    """A manager child process; the test itself waits until it replies."""
     process = ManagerProcess(amqp_url, f"{run_prefix}-cli", tmp_path)
     process.launch()
     yield process

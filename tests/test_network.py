@@ -392,7 +392,7 @@ def test_lab_of_three_hosts(tmp_path):
             assert wait_until(lambda: not pid_alive(on_first.pid), 15)
             assert pid_alive(on_third.pid)
 
-            # Started again with its state, the manager knows its container.
+            # Started again with its state, the manager still has its container.
             lab.restart_manager(lab_dir, 1)
             with pytest.raises(lab.LabError, match="is running"):
                 lab.restart_manager(lab_dir, 1)

@@ -4,6 +4,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -24,7 +26,7 @@ from messages.models import (
     Verdict,
     utc_now,
 )
-from tests.helpers import ManagerProcess, pid_alive, wait_until
+from tests.helpers import PROJECT_ROOT, ManagerProcess, pid_alive, wait_until
 from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.root
@@ -372,7 +374,7 @@ def test_subscription_fails_cleanly_when_broker_stays_away(amqp_url, manager):
 def test_client_wrong_password_names_fix(amqp_url):
     parts = urllib.parse.urlsplit(amqp_url)
     wrong = parts._replace(netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}")
-    with pytest.raises(BrokerUnavailable, match="refused the login") as raised:
+    with pytest.raises(BrokerUnavailable, match="rejected the login") as raised:
         Client(urllib.parse.urlunsplit(wrong), "nobody")
     assert "check the user, password and vhost" in str(raised.value)
     assert "not-the-password" not in str(raised.value)
@@ -431,6 +433,17 @@ def _heartbeat_after(client: Client, container_id: str, moment) -> bool:
     return info.last_heartbeat_at is not None and info.last_heartbeat_at > moment
 
 
+def _assert_beats_resume(client: Client, pid: int) -> None:
+    """Check that container "beats" is answered again and still running, then delete it."""
+    assert wait_until(lambda: _answers(client), 30)
+    recovered = utc_now()
+    assert wait_until(lambda: _heartbeat_after(client, "beats", recovered), 15)
+    info = client.request({"command": "inspect", "id": "beats"}).container
+    assert info.state == ContainerState.RUNNING
+    assert pid_alive(pid)
+    client.request({"command": "delete", "id": "beats", "force": True})
+
+
 def test_deleted_heartbeat_queue_is_redeclared(manager):
     queue = names.heartbeat_queue(manager.manager_id)
     with manager.client() as client:
@@ -439,13 +452,7 @@ def test_deleted_heartbeat_queue_is_redeclared(manager):
         channel.queue_delete(queue)
         channel.close()
         assert wait_until(lambda: f"cancelled the consumer of {queue}" in manager.log_path.read_text(), 15)
-        assert wait_until(lambda: _answers(client), 30)
-        recovered = utc_now()
-        assert wait_until(lambda: _heartbeat_after(client, "beats", recovered), 15)
-        info = client.request({"command": "inspect", "id": "beats"}).container
-        assert info.state == ContainerState.RUNNING
-        assert pid_alive(pid)
-        client.request({"command": "delete", "id": "beats", "force": True})
+        _assert_beats_resume(client, pid)
 
 
 def _connection_pid(rabbitmq_node, name: str) -> str | None:
@@ -474,13 +481,7 @@ def test_lost_heartbeat_connection_recovers(rabbitmq_node, amqp_url, run_prefix,
 
             assert wait_until(lambda: "heartbeat connection" in manager.log_path.read_text(), 15)
             assert wait_until(lambda: _connection_pid(rabbitmq_node, name) not in (None, closed), 30)
-            assert wait_until(lambda: _answers(client), 30)
-            recovered = utc_now()
-            assert wait_until(lambda: _heartbeat_after(client, "beats", recovered), 15)
-            info = client.request({"command": "inspect", "id": "beats"}).container
-            assert info.state == ContainerState.RUNNING
-            assert pid_alive(pid)
-            client.request({"command": "delete", "id": "beats", "force": True})
+            _assert_beats_resume(client, pid)
     finally:
         manager.cleanup()
 
@@ -548,6 +549,19 @@ def test_second_manager_with_same_id_exits(manager, tmp_path):
     assert "another manager with id" in twin.log_path.read_text()
     with manager.client() as client:
         assert client.request({"command": "list"}).ok
+
+
+def test_manager_rejects_non_amqp_url(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "manager", "--amqp-url", "http://broker.invalid", "--id", "url-check",
+         "--state-dir", str(tmp_path / "state"), "--runc-root", str(tmp_path / "runc")],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "'--amqp-url'" in result.stderr
+    assert "scheme 'http'" in result.stderr
+    assert "is not an AMQP URL" in result.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def test_sigterm_ends_broker_retries(run_prefix, tmp_path):

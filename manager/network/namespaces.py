@@ -3,9 +3,9 @@
 pyroute2 0.9 creates a namespace, and a netlink socket inside one, in a
 forked child process. Forking the manager, a process of tens of MiB with
 many threads, took most of the CPU of a container's network setup. The
-network namespace is a property of each thread (unshare(2) and setns(2)
-with CLONE_NEWNET change only the calling thread), so a short-lived
-thread can move into a namespace and do the work there while every other
+network namespace is a property of each thread: unshare(2) and setns(2)
+with CLONE_NEWNET change only the calling thread. So a short-lived thread
+can move into a namespace and do the work there, while every other
 thread of the manager stays in the host's namespace. The thread ends
 right after, so no pooled thread is ever left in a container's namespace.
 """
